@@ -1,0 +1,242 @@
+"""The Flax Llama/Mistral decoder over a plain list of layers.
+
+One decoder block is a Flax linen module (:class:`DecoderBlock`) whose parameter dict is one
+entry of ``params["layers"]``. The decoder itself is a Python loop over that list, so any
+list length works and surgery is list editing:
+
+    params = {
+      "embed":   {"embedding": [vocab, d]},
+      "layers":  [ {"attn_norm": {"scale": [d]},
+                    "q_proj": {"kernel": [d, H*Dh]}, "k_proj": {"kernel": [d, K*Dh]},
+                    "v_proj": {"kernel": [d, K*Dh]}, "o_proj": {"kernel": [H*Dh, d]},
+                    "mlp_norm": {"scale": [d]},
+                    "gate_proj": {"kernel": [d, F]}, "up_proj": {"kernel": [d, F]},
+                    "down_proj": {"kernel": [F, d]}}, ... ],        # plain list
+      "norm":    {"scale": [d]},
+      "lm_head": {"kernel": [d, vocab]},                            # absent when tied
+    }
+
+Kernels are stored [in, out] (Flax convention); HF stores [out, in]. Projections gain a
+``"bias"`` leaf when ``attention_bias`` / ``mlp_bias`` is set.
+
+Shape suffixes: B batch, T query length, S key length, D model width, H query heads,
+K kv heads, G = H // K, Dh head dim, F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slayer_jax.config import ModelConfig
+
+Params = dict[str, Any]
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "fp16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+def as_dtype(d: Any) -> Any:
+    if isinstance(d, str):
+        if d not in DTYPES:
+            raise ValueError(f"dtype: {d!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[d]
+    return d
+
+
+def num_layers(params: Params) -> int:
+    return len(params["layers"])
+
+
+# ----------------------------------------------------------------------------- modules
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), jnp.float32)
+        x32 = x_BxTxD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before the (weight *) multiply.
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    freqs_BxTxHalf = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb_BxTxDh = jnp.concatenate([freqs_BxTxHalf, freqs_BxTxHalf], axis=-1)
+    return jnp.cos(emb_BxTxDh).astype(dtype), jnp.sin(emb_BxTxDh).astype(dtype)
+
+
+def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Array) -> jax.Array:
+    half = x_BxTxNxDh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxDh[..., half:], x_BxTxNxDh[..., :half]], axis=-1)
+    return x_BxTxNxDh * cos_BxTxDh[:, :, None, :] + rotated * sin_BxTxDh[:, :, None, :]
+
+
+def attention_mask(q_pos_BxT: jax.Array, kv_pos_BxS: jax.Array, q_seg_BxT: jax.Array, kv_seg_BxS: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """[B, T, S] bool: causal by position, same segment, and inside the sliding window.
+
+    Positions restart per packed document, but the segment test removes every cross-document
+    pair, so within what remains position order equals token order.
+    """
+    qp, kp = q_pos_BxT[:, :, None], kv_pos_BxS[:, None, :]
+    mask = (kp <= qp) & (q_seg_BxT[:, :, None] == kv_seg_BxS[:, None, :])
+    if sliding_window is not None:
+        mask &= kp > qp - sliding_window
+    return mask
+
+
+def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS, dtype) -> jax.Array:
+    B, T, H, Dh = q_BxTxHxDh.shape
+    K = k_BxSxKxDh.shape[2]
+    q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(Dh))
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh)
+    return out.reshape(B, T, H * Dh)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)); x + mlp(norm(x)). Its params are one list entry."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS):
+        cfg, dt = self.cfg, self.dtype
+        H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        B, T, _ = x_BxTxD.shape
+        dense = functools.partial(nn.Dense, dtype=dt, param_dtype=jnp.float32)
+
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="attn_norm")(x_BxTxD)
+        q = dense(H * Dh, use_bias=cfg.attention_bias, name="q_proj")(h).reshape(B, T, H, Dh)
+        k = dense(K * Dh, use_bias=cfg.attention_bias, name="k_proj")(h).reshape(B, T, K, Dh)
+        v = dense(K * Dh, use_bias=cfg.attention_bias, name="v_proj")(h).reshape(B, T, K, Dh)
+        q, k = apply_rope(q, cos_BxTxDh, sin_BxTxDh), apply_rope(k, cos_BxTxDh, sin_BxTxDh)
+        attn = dot_product_attention(q, k, v, mask_BxTxS, dt)
+        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(attn)
+
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="mlp_norm")(x_BxTxD)
+        gate = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(h)
+        up = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(h)
+        return x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+
+
+# ----------------------------------------------------------------------------- forward
+def _block_fn(cfg: ModelConfig, dtype: Any, remat: str | None):
+    block = DecoderBlock(cfg, dtype)
+
+    def run(layer_params, x, cos, sin, mask):
+        return block.apply({"params": layer_params}, x, cos, sin, mask)
+
+    if remat in (None, "none"):
+        return run
+    if remat == "full":
+        return jax.checkpoint(run)
+    if remat == "save_dots":
+        return jax.checkpoint(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat: {remat!r} is not one of {REMAT_POLICIES}")
+
+
+def embed(params: Params, tokens_BxT: jax.Array, dtype: Any) -> jax.Array:
+    return jnp.take(params["embed"]["embedding"], tokens_BxT, axis=0).astype(dtype)
+
+
+def unembed(params: Params, cfg: ModelConfig, x_BxTxD: jax.Array, dtype: Any) -> jax.Array:
+    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x_BxTxD)
+    if "lm_head" in params:
+        w_DxV = params["lm_head"]["kernel"].astype(dtype)
+        return jnp.einsum("btd,dv->btv", x, w_DxV, preferred_element_type=jnp.float32)
+    w_VxD = params["embed"]["embedding"].astype(dtype)
+    return jnp.einsum("btd,vd->btv", x, w_VxD, preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    cfg: ModelConfig,
+    positions_BxT: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
+    *,
+    dtype: Any = jnp.float32,
+    remat: str | None = None,
+    return_hidden: bool = False,
+):
+    """Logits [B, T, V] (float32) for any ``len(params["layers"])``.
+
+    positions_BxT: per-token RoPE positions (default 0..T-1; restart per packed document).
+    segment_ids_BxT: packed-document ids; tokens attend only within their own id. Use 0 for
+        padding (padding then only attends to padding, never to real tokens).
+    dtype: compute dtype. Parameters keep their own dtype (e.g. fp32 masters) and are cast.
+    remat: None/"none", "full" or "save_dots", applied per block.
+    return_hidden: also return the list of residual-stream states, entry l being layer l's
+        input and entry L the last layer's output (before the final norm).
+    """
+    dtype = as_dtype(dtype)
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    cos, sin = rope_cos_sin(positions_BxT, cfg.rope_inv_freq(), dtype)
+    mask = attention_mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, cfg.sliding_window)
+    block = _block_fn(cfg, dtype, remat)
+
+    x = embed(params, tokens_BxT, dtype)
+    hidden = [x]
+    for layer in params["layers"]:
+        x = block(layer, x, cos, sin, mask)
+        if return_hidden:
+            hidden.append(x)
+    logits = unembed(params, cfg, x, dtype)
+    return (logits, hidden) if return_hidden else logits
+
+
+# ----------------------------------------------------------------------------- init
+def init_layer(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02) -> Params:
+    """Random params for one block, with the same tree as imported weights."""
+    D, H, K, Dh, F = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                      cfg.intermediate_size)
+    shapes = {"q_proj": (D, H * Dh), "k_proj": (D, K * Dh), "v_proj": (D, K * Dh), "o_proj": (H * Dh, D),
+              "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    keys = jax.random.split(key, len(shapes))
+    layer: Params = {"attn_norm": {"scale": jnp.ones((D,), dtype)}, "mlp_norm": {"scale": jnp.ones((D,), dtype)}}
+    for k_, (name, shape) in zip(keys, shapes.items()):
+        layer[name] = {"kernel": (std * jax.random.normal(k_, shape, jnp.float32)).astype(dtype)}
+        has_bias = cfg.attention_bias if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else cfg.mlp_bias
+        if has_bias:
+            layer[name]["bias"] = jnp.zeros((shape[1],), dtype)
+    return layer
+
+
+def init_params(cfg: ModelConfig, n_layers: int, key: jax.Array, dtype: Any = jnp.float32,
+                std: float = 0.02) -> Params:
+    dtype = as_dtype(dtype)
+    k_embed, k_head, *k_layers = jax.random.split(key, n_layers + 2)
+    params: Params = {
+        "embed": {"embedding": (std * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size))).astype(dtype)},
+        "layers": [init_layer(cfg, k, dtype, std) for k in k_layers],
+        "norm": {"scale": jnp.ones((cfg.hidden_size,), dtype)},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": (std * jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size))).astype(dtype)}
+    return params
+
+
+def expected_shapes(cfg: ModelConfig, n_layers: int) -> Params:
+    """The params tree of shapes for ``cfg`` with ``n_layers`` blocks (no allocation)."""
+    return jax.eval_shape(lambda: init_params(cfg, n_layers, jax.random.PRNGKey(0)))
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
