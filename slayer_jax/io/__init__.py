@@ -1,0 +1,35 @@
+"""Model import/export: HF safetensors directories, GGUF files and slayer checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slayer_jax.errors import SlayerError
+
+
+def load_any(src: str | Path, dtype: Any = None):
+    """(params, cfg, tokenizer) from an HF directory, a .gguf file or a slayer checkpoint.
+
+    The special name ``default`` is the default model (SmolLM2-135M-Instruct, cached)."""
+    src = str(src)
+    if src == "default":
+        from slayer_jax.assets import default_model_dir
+
+        src = str(default_model_dir())
+    path = Path(src)
+    if not path.exists():
+        raise SlayerError(f"{path}: not found; expected an HF model directory, a .gguf file or a slayer checkpoint")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SlayerError(f"{path}: unsupported file type '{path.suffix}'; expected a .gguf file or a directory")
+        from slayer_jax.io.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype)
+    from slayer_jax.checkpoint import is_model_checkpoint, load_model
+
+    if is_model_checkpoint(path):
+        return load_model(path, dtype=dtype)
+    from slayer_jax.io.hf import load_hf
+
+    return load_hf(path, dtype=dtype)

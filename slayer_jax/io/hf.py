@@ -173,7 +173,7 @@ def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
         raise SlayerError(f"{f.path}: unexpected tensor '{name}' (config.json says {n_layers} layers, "
                           f"attention_bias={cfg.attention_bias}, mlp_bias={cfg.mlp_bias})")
     for tree_path, name, transposed in tqdm(wanted, desc=f"import {path.name}", unit="tensor",
-                                             disable=not progress, file=sys.stderr):
+                                             disable=None if progress else True, file=sys.stderr):
         if name not in where:
             raise SlayerError(f"{path}: tensor '{name}' is missing from the weights (config.json implies it)")
         f = where[name]
@@ -243,7 +243,7 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-    bar = tqdm(total=len(specs), desc=f"export {out_dir.name}", unit="tensor", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(specs), desc=f"export {out_dir.name}", unit="tensor", disable=None if progress else True, file=sys.stderr)
 
     def get(name: str) -> np.ndarray:
         tree_path, transposed = transposed_of[name]

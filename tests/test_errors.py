@@ -1,0 +1,126 @@
+"""Bad input: one clear line naming the file and field, exit code 2, nothing written at OUT."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_hf import make_hf_model
+
+from slayer_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good") / "hf"
+    make_hf_model("gqa_kv2").save_pretrained(d)
+    return d
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(d, **kw):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(kw)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _break_missing_config(d):
+    (d / "config.json").unlink()
+
+
+def _break_missing_weights(d):
+    (d / "model.safetensors").unlink()
+
+
+def _break_truncated_weights(d):
+    p = d / "model.safetensors"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _break_model_type(d):
+    _edit_config(d, model_type="gpt2")
+
+
+def _break_shape(d):
+    _edit_config(d, intermediate_size=128)
+
+
+def _break_rope(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+CASES = {
+    "missing_config": (_break_missing_config, ["config.json", "not found"]),
+    "missing_weights": (_break_missing_weights, ["model.safetensors"]),
+    "truncated_weights": (_break_truncated_weights, ["model.safetensors", "truncated"]),
+    "model_type_gpt2": (_break_model_type, ["config.json", "'model_type'", "'gpt2'"]),
+    "shape_mismatch": (_break_shape, ["model.safetensors", "mlp.gate_proj.weight", "[112, 64]", "[128, 64]"]),
+    "unknown_rope_scaling": (_break_rope, ["config.json", "rope_scaling.rope_type", "'yarn'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("to", ["hf", "checkpoint"])
+def test_bad_input_one_line_nonzero_nothing_written(case, to, good_dir, tmp_path, capsys):
+    breaker, must_mention = CASES[case]
+    src = _copy(good_dir, tmp_path / "src")
+    breaker(src)
+    out = tmp_path / "out"
+    code = main(["convert", str(src), str(out), "--to", to])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("slayer: error: "), err
+    for word in must_mention:
+        assert word in err[0], (word, err[0])
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temp dirs left behind
+
+
+def test_existing_output_is_refused_and_kept(good_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["convert", str(good_dir), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_real_process_exit_code(tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    r = subprocess.run([sys.executable, "-m", "slayer_jax.cli", "convert", str(src), str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"slayer: error: {src}/config.json: file not found; expected an HF config.json"]
+
+
+def test_export_interrupted_leaves_nothing(good_dir, tmp_path, monkeypatch):
+    """A crash in the middle of writing tensors leaves neither OUT nor a temp dir."""
+    from slayer_jax.io import hf as hf_io
+
+    params, cfg, _ = hf_io.load_hf(good_dir, progress=False)
+    calls = {"n": 0}
+    real = hf_io.write_safetensors
+
+    def dying_get_wrapper(path, specs, get, metadata=None):
+        def get2(name):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return get(name)
+        return real(path, specs, get2, metadata)
+
+    monkeypatch.setattr(hf_io, "write_safetensors", dying_get_wrapper)
+    with pytest.raises(KeyboardInterrupt):
+        hf_io.save_hf(params, cfg, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
