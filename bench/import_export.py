@@ -78,14 +78,15 @@ def measure(src: Path, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--skip-smol", action="store_true")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="slayer_bench_"))
     rows = {}
-    from slayer_jax.assets import default_model_dir
+    if not a.skip_smol:
+        from slayer_jax.assets import default_model_dir
 
-    smol = default_model_dir()
-    rows["SmolLM2-135M (HF dir, fp32)"] = measure(smol, work / "smol_out")
+        rows["SmolLM2-135M (HF dir, fp32)"] = measure(default_model_dir(), work / "smol_out")
     if not a.skip_1b:
         src = work / "tinyllama_random"
         if not src.exists():

@@ -125,7 +125,7 @@ def read_metadata(reader) -> dict[str, Any]:
 
 def _clean_float(x: float) -> float:
     """GGUF stores float32; report the shortest decimal that rounds to it (9.99999975e-06 -> 1e-05)."""
-    return float(repr(np.float32(x)))
+    return float(str(np.float32(x)))
 
 
 # ----------------------------------------------------------------------------- config
@@ -472,8 +472,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str = "gguf"):
     tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=ids)
 
     kwargs: dict[str, Any] = dict(bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-                                  add_bos_token=add_bos, add_eos_token=add_eos,
-                                  additional_special_tokens=[t for t in control if t not in (bos, eos, unk, pad)])
+                                  add_bos_token=add_bos, add_eos_token=add_eos)
     template = meta.get("tokenizer.chat_template")
     if template is not None:
         kwargs["chat_template"] = template
