@@ -92,6 +92,66 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def load_plan_arg(a: argparse.Namespace, num_layers: int):
+    from slayer_jax import surgery
+
+    try:
+        if a.plan == "shallow":
+            prune = [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else a.prune_mode
+            return surgery.shallow(num_layers, a.expand, a.prune if not a.prune_layers else len(prune), prune=prune,
+                                   refresh_last=a.refresh_last, init=a.init or "average")
+        if a.plan == "uniform":
+            return surgery.uniform(num_layers, a.expand, init=a.init or "copy")
+        path = Path(a.plan)
+        if not path.exists():
+            raise SlayerError(f"{path}: plan file not found; --plan takes shallow, uniform or a plan .json")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SlayerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        plan = surgery.Plan.from_json(d.get("plan", d))
+    except ValueError as e:
+        raise SlayerError(f"{getattr(a, 'plan', 'plan')}: {e}") from None
+    if plan.num_layers != num_layers:
+        raise SlayerError(f"{a.plan}: field 'num_layers' is {plan.num_layers}; the model has {num_layers} layers")
+    return plan
+
+
+def format_layer_map(lmap) -> str:
+    rows = [f"{'new':>4}  {'kind':<10} {'from (original)':<16} trainable"]
+    for r in lmap:
+        src = " avg ".join(map(str, r["from"]))
+        rows.append(f"{r['index']:>4}  {r['kind']:<10} {src:<16} {'yes' if r['trainable'] else ''}")
+    return "\n".join(rows)
+
+
+def cmd_surgery(a: argparse.Namespace) -> int:
+    from slayer_jax import surgery
+    from slayer_jax.io import load_any
+
+    _refuse_existing(a.out, a.overwrite)
+    params, cfg, tok = load_any(a.src)
+    plan = load_plan_arg(a, len(params["layers"]))
+    new_params, mask, lmap = surgery.apply_plan(params, plan)
+    print(f"plan: {plan.name}: {plan.num_layers} -> {plan.num_new_layers} layers; "
+          f"new blocks after original layers {list(plan.expand_after)} (init {plan.init}, "
+          f"identity {plan.identity})")
+    if plan.prune:
+        print(f"pruning original layers {list(plan.prune)} (pruning changes the model's function: measure it)")
+    if plan.refresh:
+        print(f"refreshing original layers {list(plan.refresh)} as the average with their successor")
+    print(format_layer_map(lmap))
+    n_train = surgery.count_trainable(new_params, mask)
+    from slayer_jax.model import count_params
+
+    print(f"trainable parameters: {n_train:,} of {count_params(new_params):,} "
+          f"({100 * n_train / count_params(new_params):.1f}%)")
+    out = _save(new_params, cfg, tok, a.out, a.to, a.overwrite, a.dtype,
+                extra_config={"slayer": surgery.surgery_record(plan, lmap)})
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from slayer_jax.demo import run_demo
 
@@ -122,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("surgery", help="expand / prune layers with a plan (S strategy, LLaMA Pro, explicit)")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--plan", required=True, help="shallow | uniform | PLAN.json")
+    s.add_argument("--expand", type=int, default=8, help="number of new blocks")
+    s.add_argument("--prune", type=int, default=0, help="number of deep layers to prune (shallow plan)")
+    s.add_argument("--prune-mode", choices=("deepest", "keep_last"), default="deepest")
+    s.add_argument("--prune-layers", default=None, help="explicit comma-separated original layers to prune")
+    s.add_argument("--refresh-last", action="store_true", help="re-initialise the new last layer and train it")
+    s.add_argument("--init", choices=("average", "copy"), default=None)
+    s.add_argument("--to", choices=("hf", "checkpoint"), default="hf")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_surgery)
 
     d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="slayer_demo")

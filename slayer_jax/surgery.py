@@ -1,0 +1,362 @@
+"""Layer surgery as pure functions on the params pytree, and the plans that drive it.
+
+Transforms never mutate their input, and layers they do not touch keep the very same leaf
+objects, so an expansion costs only the memory of the new blocks:
+
+- :func:`remove_layers` drops layers;
+- :func:`insert_layers` adds a block after given layers, initialised as a ``"copy"`` of layer i
+  (LLaMA Pro) or the ``"average"`` of layers i and i+1 (SLayer), with ``o_proj`` and
+  ``down_proj`` (and their biases) zeroed so the block starts as an exact identity;
+- :func:`reinit_layer` replaces a layer by the average of itself and its successor.
+
+A :class:`Plan` is a small frozen, JSON-serialisable record of what to do, always in the
+*original* model's layer numbering. :func:`apply_plan` runs it and returns the new params, a
+trainable mask of the same tree structure, and a layer map saying where each new layer came
+from. The mask is derived from each layer's provenance in that map (inserted / refreshed),
+never from matching names, so ``layers.2`` can never select ``layers.20``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from slayer_jax.model import Params
+
+INITS = ("average", "copy")
+PRUNE_MODES = ("deepest", "keep_last")
+ZEROED = ("o_proj", "down_proj")  # the residual-branch outputs: zero => the block is an identity
+
+
+# ----------------------------------------------------------------------------- transforms
+def _check_indices(name: str, indices: Sequence[int], n: int) -> list[int]:
+    idx = [int(i) for i in indices]
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"{name}: index {bad[0]} is out of range for a model with {n} layers")
+    if len(set(idx)) != len(idx):
+        dup = next(i for i in idx if idx.count(i) > 1)
+        raise ValueError(f"{name}: duplicate index {dup}")
+    return idx
+
+
+def _with_layers(params: Params, layers: list) -> Params:
+    out = dict(params)  # shallow: embed / norm / lm_head keep their very objects
+    out["layers"] = layers
+    return out
+
+
+def remove_layers(params: Params, indices: Sequence[int]) -> Params:
+    n = len(params["layers"])
+    drop = set(_check_indices("remove_layers", indices, n))
+    if len(drop) == n and n > 0:
+        raise ValueError(f"remove_layers: removing all {n} layers leaves no model")
+    return _with_layers(params, [layer for i, layer in enumerate(params["layers"]) if i not in drop])
+
+
+def _mean_layer(a: Params, b: Params) -> Params:
+    return jax.tree_util.tree_map(lambda x, y: ((x.astype(jnp.float32) + y.astype(jnp.float32)) / 2).astype(x.dtype),
+                                  a, b)
+
+
+def _zero_outputs(layer: Params) -> Params:
+    layer = dict(layer)
+    for key in ZEROED:
+        layer[key] = {leaf: jnp.zeros_like(v) for leaf, v in layer[key].items()}
+    return layer
+
+
+def new_block(params: Params, after: int, init: str = "average", identity: bool = True) -> tuple[Params, tuple]:
+    """The block to insert after layer ``after``, and the layers it was built from."""
+    layers = params["layers"]
+    if init not in INITS:
+        raise ValueError(f"init: {init!r} is not one of {list(INITS)}")
+    if init == "average" and after + 1 < len(layers):
+        block, sources = _mean_layer(layers[after], layers[after + 1]), (after, after + 1)
+    else:
+        if init == "average":
+            warnings.warn(f"insert_layers: no layer after {after} to average with; using a copy of layer {after}",
+                          stacklevel=3)
+        block, sources = jax.tree_util.tree_map(jnp.array, layers[after]), (after,)
+    return (_zero_outputs(block) if identity else block), sources
+
+
+def insert_layers(params: Params, after: Sequence[int], init: str = "average", identity: bool = True) -> Params:
+    """Insert one new block after each original layer in ``after`` (original numbering)."""
+    n = len(params["layers"])
+    after = set(_check_indices("insert_layers", after, n))
+    out = []
+    for i, layer in enumerate(params["layers"]):
+        out.append(layer)
+        if i in after:
+            out.append(new_block(params, i, init, identity)[0])
+    return _with_layers(params, out)
+
+
+def reinit_layer(params: Params, i: int, init: str = "average") -> Params:
+    """Replace layer ``i`` by the average of layers i and i+1 (or a fresh copy of itself)."""
+    n = len(params["layers"])
+    (i,) = _check_indices("reinit_layer", [i], n)
+    if init == "average" and i + 1 >= n:
+        raise ValueError(f"reinit_layer: layer {i} is the last of {n}; there is no layer {i + 1} to average with")
+    block, _ = new_block(params, i, init, identity=False)
+    layers = list(params["layers"])
+    layers[i] = block
+    return _with_layers(params, layers)
+
+
+# ----------------------------------------------------------------------------- plans
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to do to an ``num_layers``-layer model, in its original layer numbering.
+
+    expand_after: a new block goes after each of these layers.
+    prune: these layers are removed.
+    refresh: these layers are re-initialised as the average of layers i and i+1 (taken before
+        pruning) and made trainable: the paper's refreshed last layer.
+    """
+
+    num_layers: int
+    expand_after: tuple[int, ...] = ()
+    prune: tuple[int, ...] = ()
+    refresh: tuple[int, ...] = ()
+    init: str = "average"
+    identity: bool = True
+    train_embed: bool = False
+    train_norm: bool = False
+    train_head: bool = False
+    name: str = "explicit"
+    notes: str = ""
+
+    def __post_init__(self):
+        for f in ("expand_after", "prune", "refresh"):
+            object.__setattr__(self, f, tuple(sorted(int(i) for i in getattr(self, f))))
+        self.validate()
+
+    @property
+    def num_new_layers(self) -> int:
+        return self.num_layers + len(self.expand_after) - len(self.prune)
+
+    def validate(self) -> None:
+        L = self.num_layers
+        if not isinstance(L, int) or L <= 0:
+            raise ValueError(f"num_layers: expected a positive integer, got {L!r}")
+        for name in ("expand_after", "prune", "refresh"):
+            _check_indices(f"plan.{name}", getattr(self, name), L)
+        if len(self.prune) >= L:
+            raise ValueError(f"plan.prune: pruning {len(self.prune)} of {L} layers leaves no original layer")
+        if self.init not in INITS:
+            raise ValueError(f"plan.init: {self.init!r} is not one of {list(INITS)}")
+        for i in self.refresh:
+            if i in self.prune:
+                raise ValueError(f"plan.refresh: layer {i} is also pruned")
+            if i + 1 >= L:
+                raise ValueError(f"plan.refresh: layer {i} has no successor to average with")
+        for i in self.expand_after:
+            if i in self.prune:
+                raise ValueError(f"plan.expand_after: layer {i} is pruned; a block after it would lose its anchor")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Plan":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"plan: unknown field '{unknown[0]}'; expected some of {sorted(fields)}")
+        if "num_layers" not in d:
+            raise ValueError("plan: field 'num_layers' is missing")
+        return cls(**d)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+def _spread(region: int, n: int) -> list[int]:
+    """n positions evenly over ``region`` layers: after layer k*(region//n) - 1, k = 1..n."""
+    split = region // n
+    return [k * split - 1 for k in range(1, n + 1)]
+
+
+def uniform(L: int, n: int, init: str = "copy", **kw) -> Plan:
+    """LLaMA Pro: with split = L // n, a new block after each layer k*split - 1 (k = 1..n)."""
+    if not 0 < n <= L:
+        raise ValueError(f"n_expand: {n} must be between 1 and the layer count {L}")
+    return Plan(L, expand_after=tuple(_spread(L, n)), init=init, name="uniform",
+                notes=f"LLaMA Pro uniform expansion: split={L // n}", **kw)
+
+
+def prune_layers(L: int, n_prune: int, mode: str | Sequence[int] = "deepest") -> tuple[int, ...]:
+    """Which layers to prune: the deepest n, the n just below the kept final layer, or a list."""
+    if not isinstance(mode, str):
+        idx = tuple(_check_indices("prune", mode, L))
+        if n_prune and len(idx) != n_prune:
+            raise ValueError(f"prune: {len(idx)} explicit indices given but n_prune={n_prune}")
+        return idx
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"prune mode: {mode!r} is not one of {list(PRUNE_MODES)} or a list of indices")
+    if not 0 <= n_prune < L - (1 if mode == "keep_last" else 0):
+        raise ValueError(f"n_prune: {n_prune} does not fit a {L}-layer model with mode {mode!r}")
+    if mode == "deepest":
+        return tuple(range(L - n_prune, L))
+    return tuple(range(L - 1 - n_prune, L - 1))
+
+
+def shallow(L: int, n_expand: int, n_prune: int = 0, prune: str | Sequence[int] = "deepest",
+            refresh_last: bool = False, half: int | None = None, init: str = "average", **kw) -> Plan:
+    """The SLayer S strategy: ``n_expand`` averaged identity blocks spread over the first half
+    (after layer k*(half//n) - 1), ``n_prune`` deep layers removed, optionally the new last
+    layer refreshed (average of itself and the pruned layer after it) and trainable.
+
+    For L=32, n_expand=8, n_prune=2 this is the paper: blocks after 1, 3, ..., 15 (indices
+    2, 5, ..., 23 of 40), layers 30 and 31 pruned, 38 layers; refresh_last refreshes layer 29.
+    """
+    half = L // 2 if half is None else half
+    if not 0 < n_expand <= half:
+        raise ValueError(f"n_expand: {n_expand} new blocks do not fit the first half ({half} layers) of a "
+                         f"{L}-layer model")
+    pruned = prune_layers(L, n_prune, prune)
+    refresh: tuple[int, ...] = ()
+    if refresh_last:
+        kept = [i for i in range(L) if i not in pruned]
+        last = kept[-1]
+        if last + 1 >= L:
+            raise ValueError("refresh_last: the final layer is kept, so there is no pruned successor to average "
+                             "with; use prune='deepest'")
+        refresh = (last,)
+    return Plan(L, expand_after=tuple(_spread(half, n_expand)), prune=pruned, refresh=refresh, init=init,
+                name="shallow", notes=f"S strategy: {n_expand} blocks over the first {half} layers, "
+                f"prune {list(pruned)}", **kw)
+
+
+def explicit(L: int, expand_after: Sequence[int] = (), prune: Sequence[int] = (), refresh: Sequence[int] = (),
+             init: str = "average", **kw) -> Plan:
+    return Plan(L, expand_after=tuple(expand_after), prune=tuple(prune), refresh=tuple(refresh), init=init,
+                name="explicit", **kw)
+
+
+def from_profile(importance: Sequence[float], n_expand: int, n_prune: int = 0, keep_final: bool = True,
+                 region: str = "first_half", init: str = "average", **kw) -> Plan:
+    """Placement from a measured per-layer importance profile (higher = more important).
+
+    New blocks go after the ``n_expand`` most important layers of ``region`` ("first_half" or
+    "all"); the ``n_prune`` least important layers of the second half are pruned, never the
+    final layer when ``keep_final``. The reasoning is written into ``notes``.
+    """
+    L = len(importance)
+    scores = [float(s) for s in importance]
+    cand = list(range(L // 2)) if region == "first_half" else list(range(L))
+    if region not in ("first_half", "all"):
+        raise ValueError(f"region: {region!r} is not 'first_half' or 'all'")
+    if not 0 < n_expand <= len(cand):
+        raise ValueError(f"n_expand: {n_expand} does not fit the {len(cand)} candidate layers of {region!r}")
+    expand = sorted(sorted(cand, key=lambda i: -scores[i])[:n_expand])
+    deep = [i for i in range(L // 2, L) if not (keep_final and i == L - 1)]
+    if n_prune > len(deep):
+        raise ValueError(f"n_prune: {n_prune} exceeds the {len(deep)} prunable deep layers")
+    pruned = sorted(sorted(deep, key=lambda i: scores[i])[:n_prune])
+    notes = (f"expand after the {n_expand} most important layers of {region}: "
+             + ", ".join(f"{i} ({scores[i]:.4g})" for i in expand)
+             + (f"; prune the {n_prune} least important deep layers: "
+                + ", ".join(f"{i} ({scores[i]:.4g})" for i in pruned) if n_prune else ""))
+    return Plan(L, expand_after=tuple(expand), prune=tuple(pruned), init=init, name="from_profile", notes=notes, **kw)
+
+
+# ----------------------------------------------------------------------------- apply
+def layer_map(plan: Plan) -> list[dict[str, Any]]:
+    """For each layer of the new model: its index, kind, source layers (original numbering)
+    and whether it is trainable."""
+    out: list[dict[str, Any]] = []
+    prune, refresh, after = set(plan.prune), set(plan.refresh), set(plan.expand_after)
+    L = plan.num_layers
+    for i in range(L):
+        if i not in prune:
+            if i in refresh:
+                out.append({"kind": "refreshed", "from": [i, i + 1], "trainable": True})
+            else:
+                out.append({"kind": "original", "from": [i], "trainable": False})
+        if i in after:
+            src = [i, i + 1] if plan.init == "average" and i + 1 < L else [i]
+            out.append({"kind": "inserted", "from": src, "trainable": True})
+    for j, rec in enumerate(out):
+        rec["index"] = j
+    return out
+
+
+def trainable_mask(params: Params, layers_trainable: Sequence[bool], train_embed: bool = False,
+                   train_norm: bool = False, train_head: bool = False) -> Params:
+    """A bool pytree over ``params``: whole layers by the given flags, the rest by role."""
+    if len(layers_trainable) != len(params["layers"]):
+        raise ValueError(f"mask: {len(layers_trainable)} layer flags for {len(params['layers'])} layers")
+    role = {"embed": train_embed, "norm": train_norm, "lm_head": train_head}
+    mask: Params = {k: jax.tree_util.tree_map(lambda _: bool(role[k]), v) for k, v in params.items() if k != "layers"}
+    mask["layers"] = [jax.tree_util.tree_map(lambda _, t=bool(t): t, layer)
+                      for layer, t in zip(params["layers"], layers_trainable)]
+    return mask
+
+
+def apply_plan(params: Params, plan: Plan) -> tuple[Params, Params, list[dict[str, Any]]]:
+    """Run ``plan``: returns (new_params, trainable_mask, layer_map)."""
+    n = len(params["layers"])
+    if n != plan.num_layers:
+        raise ValueError(f"plan.num_layers: the plan is for {plan.num_layers} layers but the model has {n}")
+    old = params["layers"]
+    refreshed = {i: new_block(params, i, "average", identity=False)[0] for i in plan.refresh}
+    layers = []
+    lmap = layer_map(plan)
+    for rec in lmap:
+        if rec["kind"] == "original":
+            layers.append(old[rec["from"][0]])
+        elif rec["kind"] == "refreshed":
+            layers.append(refreshed[rec["from"][0]])
+        else:
+            layers.append(new_block(params, rec["from"][0], plan.init, plan.identity)[0])
+    new_params = _with_layers(params, layers)
+    mask = trainable_mask(new_params, [r["trainable"] for r in lmap], plan.train_embed, plan.train_norm,
+                          plan.train_head)
+    return new_params, mask, lmap
+
+
+def surgery_record(plan: Plan, lmap: list[dict[str, Any]]) -> dict[str, Any]:
+    """What goes under the ``slayer`` key of an exported config.json."""
+    return {"plan": plan.to_json(), "layer_map": lmap,
+            "trainable_layers": [r["index"] for r in lmap if r["trainable"]]}
+
+
+def mask_from_record(params: Params, record: dict[str, Any]) -> Params:
+    """Rebuild the trainable mask of a model exported with a ``slayer`` record."""
+    lmap = record["layer_map"]
+    if len(lmap) != len(params["layers"]):
+        raise ValueError(f"slayer.layer_map: {len(lmap)} entries but the model has {len(params['layers'])} layers")
+    plan = record.get("plan", {})
+    return trainable_mask(params, [bool(r["trainable"]) for r in lmap], plan.get("train_embed", False),
+                          plan.get("train_norm", False), plan.get("train_head", False))
+
+
+def count_trainable(params: Params, mask: Params) -> int:
+    import numpy as np
+
+    return int(sum(np.prod(p.shape) for p, m in zip(jax.tree_util.tree_leaves(params),
+                                                   jax.tree_util.tree_leaves(mask)) if m))
+
+
+def load_record(model_dir) -> dict[str, Any] | None:
+    """The ``slayer`` record of an exported model directory, or None for an untouched model."""
+    from pathlib import Path
+
+    d = json.loads((Path(model_dir) / "config.json").read_text())
+    return d.get("slayer")
+
+
+def restore(params: Params, model_dir) -> tuple[Plan, Params, list[dict[str, Any]]] | None:
+    """(plan, trainable_mask, layer_map) of an imported expanded model, or None if it has none."""
+    record = load_record(model_dir)
+    if record is None:
+        return None
+    return Plan.from_json(record["plan"]), mask_from_record(params, record), record["layer_map"]
