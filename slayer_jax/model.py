@@ -171,6 +171,7 @@ def forward(
     dtype: Any = jnp.float32,
     remat: str | None = None,
     return_hidden: bool = False,
+    act_sharding: Any = None,
 ):
     """Logits [B, T, V] (float32) for any ``len(params["layers"])``.
 
@@ -181,6 +182,8 @@ def forward(
     remat: None/"none", "full" or "save_dots", applied per block.
     return_hidden: also return the list of residual-stream states, entry l being layer l's
         input and entry L the last layer's output (before the final norm).
+    act_sharding: optional sharding for the [B, T, D] residual stream, applied as a
+        constraint after the embedding and after every block (batch over data+fsdp).
     """
     dtype = as_dtype(dtype)
     B, T = tokens_BxT.shape
@@ -192,10 +195,12 @@ def forward(
     mask = attention_mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, cfg.sliding_window)
     block = _block_fn(cfg, dtype, remat)
 
-    x = embed(params, tokens_BxT, dtype)
+    constrain = (lambda y: y) if act_sharding is None else (
+        lambda y: jax.lax.with_sharding_constraint(y, act_sharding))
+    x = constrain(embed(params, tokens_BxT, dtype))
     hidden = [x]
     for layer in params["layers"]:
-        x = block(layer, x, cos, sin, mask)
+        x = constrain(block(layer, x, cos, sin, mask))
         if return_hidden:
             hidden.append(x)
     logits = unembed(params, cfg, x, dtype)
