@@ -201,3 +201,19 @@ def test_invalid_plans_always_raise(L, data):
             surgery.shallow(L, data.draw(st.integers(L // 2 + 1, 2 * L + 1)))
         else:
             surgery.Plan(L, init=data.draw(st.sampled_from(["zeros", "random", "avg"])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["average", "copy"])
+def test_smollm2_identity_expansion(smollm2_dir, init):
+    """On the real 30-layer model, identity expansion (paper-style, 5 blocks in the first half)
+    leaves logits unchanged within 1e-5; pruning the 2 deepest layers does not."""
+    params, cfg, tok = load_hf(smollm2_dir, progress=False)
+    ids = jnp.asarray([tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")["input_ids"]])
+    fwd = jax.jit(forward, static_argnums=2)
+    before = np.asarray(fwd(params, ids, cfg))
+    grown, mask, lmap = surgery.apply_plan(params, surgery.shallow(30, 5, 0, init=init))
+    assert len(grown["layers"]) == 35
+    assert np.abs(np.asarray(fwd(grown, ids, cfg)) - before).max() <= 1e-5
+    pruned, _, _ = surgery.apply_plan(params, surgery.shallow(30, 5, 2))
+    assert np.abs(np.asarray(fwd(pruned, ids, cfg)) - before).max() > 1e-2
