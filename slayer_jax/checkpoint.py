@@ -86,3 +86,78 @@ def load_model(path: str | Path, dtype: Any = None):
             abstract, tree_meta)
         params = ckptr.restore(path / PARAMS_DIR, target)
     return params, cfg, load_tokenizer(path)
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+def tree_hash(tree: Any) -> str:
+    """sha256 over the leaves' paths, dtypes, shapes and bytes: the identity of a frozen base."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(jax.device_get(x))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).view(np.uint8).data)
+    return h.hexdigest()
+
+
+class TrainCheckpointer:
+    """orbax ``CheckpointManager`` for training: per step it saves
+
+    - ``state``: step, trainable params, optimizer state and RNG (the frozen base is *not*
+      copied: it is referenced by ``meta.base`` and its content hash, checked on restore);
+    - ``data``: the grain iterator state (JSON), so the data order resumes exactly;
+    - ``meta``: model config, surgery plan and layer map, base model path and hash.
+
+    Saves are async (orbax), keep the newest ``keep`` steps, and are atomic: orbax writes to a
+    temporary directory and renames on commit, so a save killed mid-write leaves the previous
+    checkpoint as the latest restorable one.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        import orbax.checkpoint as ocp
+
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data_state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract_state: Any, meta: dict, step: int | None = None) -> tuple[Any, dict, int]:
+        """Restore (state, data_state, step), refusing a checkpoint of another model or plan."""
+        import orbax.checkpoint as ocp
+
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise SlayerError(f"{self.directory}: no checkpoint to restore")
+        saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        for key in ("base_hash", "plan", "layer_map", "model_config", "trainable"):
+            if saved_meta.get(key) != meta.get(key):
+                raise SlayerError(f"{self.directory}/{step}: checkpoint field '{key}' does not match this run "
+                                  f"(saved {_short(saved_meta.get(key))}, now {_short(meta.get(key))})")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"], step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _short(x: Any, n: int = 80) -> str:
+    s = json.dumps(x, sort_keys=True, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."

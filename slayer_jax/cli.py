@@ -152,6 +152,21 @@ def cmd_surgery(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace, extra: list[str]) -> int:
+    from slayer_jax.configs import load_config_file
+    from slayer_jax.train import run
+
+    bad = [x for x in extra if not x.startswith("--config.")]
+    if bad:
+        raise SlayerError(f"train: unrecognised argument '{bad[0]}'; overrides look like --config.key=value")
+    config = load_config_file(a.config, extra)
+    summary = run(config)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(f"trained {len(summary['history'])} steps; final loss {last.get('loss', float('nan')):.4f}; "
+          f"export: {summary['export_dir']}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from slayer_jax.demo import run_demo
 
@@ -198,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_surgery)
 
+    t = sub.add_parser("train", help="masked, sharded training from an ml_collections config")
+    t.add_argument("--config", required=True, help="configs/<recipe>.py; override with --config.key=value")
+    t.set_defaults(fn=cmd_train, wants_extra=True)
+
     d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="slayer_demo")
     d.add_argument("--steps", type=int, default=None)
@@ -210,9 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "wants_extra", False):
+        build_parser().parse_args(argv)  # argparse's own error for unknown arguments
     try:
-        return int(args.fn(args) or 0)
+        return int((args.fn(args, extra) if getattr(args, "wants_extra", False) else args.fn(args)) or 0)
     except SlayerError as e:
         print(f"slayer: error: {e}", file=sys.stderr)
         return 2

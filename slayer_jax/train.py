@@ -190,3 +190,201 @@ def flops_per_token(cfg: ModelConfig, n_layers: int, seq_len: int, lowest_traina
     act_grad = head + (n_layers - lowest_trainable) * (matmul + 2 * attn)
     weight_grad = n_trainable_layers * matmul + (head if head_trainable else 0)
     return {"full": float(full), "masked": float(fwd + act_grad + weight_grad)}
+
+
+# ----------------------------------------------------------------------------- the run
+PEAK_FLOPS = {  # dense bf16 peak per device, for MFU
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "v5p": 459e12, "v5e": 197e12, "v5 lite": 197e12,
+    "v6e": 918e12, "v6 lite": 918e12, "v4": 275e12,
+}
+
+
+def device_peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind.lower()
+    for key, flops in PEAK_FLOPS.items():
+        if key in kind:
+            return flops
+    return None
+
+
+def build_plan(pc, num_layers: int):
+    """The surgery plan named by a config's ``plan`` block (None = train the model as it is)."""
+    from slayer_jax import surgery
+
+    kind = pc.get("kind", "none")
+    if kind in ("none", None):
+        return None
+    if kind == "shallow":
+        prune = list(pc.prune_layers) if pc.get("prune_layers") else pc.get("prune_mode", "deepest")
+        return surgery.shallow(num_layers, pc.expand, len(prune) if pc.get("prune_layers") else pc.get("prune", 0),
+                               prune=prune, refresh_last=pc.get("refresh_last", False),
+                               init=pc.get("init", "average"))
+    if kind == "uniform":
+        return surgery.uniform(num_layers, pc.expand, init=pc.get("init", "copy"))
+    if kind == "file":
+        import json as _json
+        from pathlib import Path
+
+        d = _json.loads(Path(pc.file).read_text())
+        return surgery.Plan.from_json(d.get("plan", d))
+    raise ValueError(f"plan.kind: {kind!r} is not none, shallow, uniform or file")
+
+
+def run(config) -> dict[str, Any]:
+    """load -> (surgery) -> masked sharded training -> HF export. Returns a summary dict.
+
+    ``config`` is an ml_collections ConfigDict as in ``configs/``.
+    """
+    import json
+    import math
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from slayer_jax import data as data_lib
+    from slayer_jax import surgery
+    from slayer_jax.checkpoint import TrainCheckpointer, tree_hash
+    from slayer_jax.errors import SlayerError
+    from slayer_jax.io import load_any
+    from slayer_jax.io.hf import save_hf
+    from slayer_jax.sharding import batch_sharding, make_mesh, param_shardings
+
+    c = config
+    workdir = Path(c.workdir)
+    is_main = jax.process_index() == 0
+    params, cfg, tok = load_any(c.model)
+    if tok is None:
+        raise SlayerError(f"{c.model}: no tokenizer files; training needs the model's tokenizer")
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # fp32 master weights
+    plan = build_plan(c.plan, len(params["layers"]))
+    if plan is not None:
+        params, mask, lmap = surgery.apply_plan(params, plan)
+    else:
+        lmap = [{"index": i, "kind": "original", "from": [i], "trainable": True} for i in range(len(params["layers"]))]
+        mask = jax.tree_util.tree_map(lambda _: True, params)
+    if c.get("full_finetune", False):
+        mask = jax.tree_util.tree_map(lambda _: True, params)
+        lmap = [dict(r, trainable=True) for r in lmap]
+    trainable, frozen = split_params(params, mask)
+    del params
+
+    mesh = make_mesh(c.mesh)
+    tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
+    trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
+    steps = int(c.steps)
+    ocfg = OptimConfig(total_steps=steps, **{k: v for k, v in c.optim.items()})
+    tx = make_optimizer(ocfg)
+    state = jax.jit(functools.partial(init_state, tx=tx, seed=int(c.seed)))(trainable)
+    st_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    b_sh = batch_sharding(mesh)
+    act_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None))
+    sc = StepConfig(cfg, dtype=c.dtype, remat=c.get("remat", None), grad_accum=int(c.get("grad_accum", 1)))
+    step_fn = compile_step(sc, tx, st_sh, fr_sh, b_sh, act_sh)
+
+    arrays, stats = data_lib.make_dataset(c.data.source, tok, int(c.data.seq_len), mode=c.data.get("mode", "text"),
+                                          field=c.data.get("field", None), progress=is_main)
+    per_process_batch = int(c.batch_size) // jax.process_count()
+    loader = data_lib.make_loader(arrays, batch_size=per_process_batch, seed=int(c.seed))
+    eval_batches = None
+    if c.data.get("eval_source"):
+        ev, _ = data_lib.make_dataset(c.data.eval_source, tok, int(c.data.seq_len), mode=c.data.get("mode", "text"),
+                                      field=c.data.get("field", None))
+        n_eval = min(int(c.get("eval_batches", 4)) * per_process_batch, len(ev["inputs"]) // per_process_batch
+                     * per_process_batch)
+        eval_batches = [{k: v[i:i + per_process_batch] for k, v in ev.items()}
+                        for i in range(0, n_eval, per_process_batch)]
+
+    meta = {"model": str(c.model), "base_hash": tree_hash(frozen) if c.checkpoint.get("hash_base", True) else None,
+            "plan": plan.to_json() if plan else None, "layer_map": lmap,
+            "model_config": cfg.to_hf_dict(len(lmap)), "trainable": surgery.count_trainable(
+                merge_params(trainable, frozen), mask), "config": json.loads(c.to_json_best_effort())}
+    ckpt = TrainCheckpointer(workdir / "checkpoints", keep=int(c.checkpoint.keep),
+                             async_save=bool(c.checkpoint.get("async_save", True)))
+    start = 0
+    if ckpt.latest_step() is not None and c.checkpoint.get("resume", True):
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, data_state, start = ckpt.restore(abstract, meta)
+        data_lib.set_state(loader, data_state)
+        if is_main:
+            print(f"resumed from step {start}", flush=True)
+
+    def eval_loss(st) -> float:
+        tot, cnt = 0.0, 0.0
+        for b in eval_batches:
+            b = jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, b_sh)
+            l, w = _eval_fn(st["trainable"], frozen, b)
+            tot, cnt = tot + float(l), cnt + float(w)
+        return tot / max(cnt, 1.0)
+
+    _eval_fn = jax.jit(functools.partial(loss_sums, sc=StepConfig(cfg, dtype=c.dtype)))
+    n_layers = len(lmap)
+    trainable_idx = [r["index"] for r in lmap if r["trainable"]]
+    fpt = flops_per_token(cfg, n_layers, int(c.data.seq_len), min(trainable_idx) if trainable_idx else n_layers,
+                          len(trainable_idx), bool(c.plan.get("train_head", False)) or c.get("full_finetune", False))
+    if c.get("full_finetune", False) or plan is None:
+        fpt["masked"] = fpt["full"]
+    peak = device_peak_flops()
+    writer = None
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(workdir / "tb"))
+    metrics_path = workdir / "metrics.jsonl"
+    history = []
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not is_main)
+    t_last, tokens_since = time.perf_counter(), 0.0
+    step = start
+    try:
+        while step < steps:
+            batch = next(loader)
+            batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, b_sh)
+            state, m = step_fn(state, frozen, batch)
+            loss = float(m["loss"])
+            step += 1
+            if not math.isfinite(loss):
+                raise SlayerError(f"step {step}: loss is {loss}; stopping. The last good checkpoint "
+                                  f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+            tokens_since += float(m["tokens"])
+            rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                   "lr": float(lr_schedule(ocfg)(step - 1)), "tokens": float(m["tokens"])}
+            if step % int(c.log_every) == 0 or step == steps:
+                dt = time.perf_counter() - t_last
+                tps = tokens_since / dt
+                rec["tokens_per_s"] = tps
+                n_dev = jax.device_count()
+                for kind in ("full", "masked"):
+                    achieved = tps * fpt[kind] / n_dev
+                    rec[f"flops_per_s_{kind}"] = achieved
+                    rec[f"mfu_{kind}"] = achieved / peak if peak else None
+                t_last, tokens_since = time.perf_counter(), 0.0
+            if eval_batches and (step % int(c.eval_every) == 0 or step == steps):
+                rec["eval_loss"] = eval_loss(state)
+            history.append(rec)
+            if is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                for k, v in rec.items():
+                    if k != "step" and v is not None:
+                        writer.add_scalar(f"train/{k}", v, step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if step % int(c.checkpoint.every) == 0 or step == steps:
+                ckpt.save(step, state, data_lib.get_state(loader), meta)
+    finally:
+        bar.close()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+    final = merge_params(state["trainable"], frozen)
+    export_dir = None
+    if c.get("export_dir"):
+        record = {"plan": plan.to_json() if plan else None, "layer_map": lmap,
+                  "trainable_layers": trainable_idx, "trained_steps": steps}
+        export_dir = save_hf(final, cfg, c.export_dir, tokenizer=tok, extra_config={"slayer": record},
+                             overwrite=True, progress=is_main)
+    return {"params": final, "cfg": cfg, "tokenizer": tok, "history": history, "layer_map": lmap,
+            "plan": plan, "mask": mask, "pack_stats": stats, "export_dir": export_dir,
+            "flops_per_token": fpt, "opt_state_bytes": tree_bytes(state["opt_state"])}
