@@ -142,7 +142,8 @@ class TrainCheckpointer:
         if step is None:
             raise SlayerError(f"{self.directory}: no checkpoint to restore")
         saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        for key in ("base_hash", "plan", "layer_map", "model_config", "trainable"):
+        meta = json.loads(json.dumps(meta, default=str))  # tuples -> lists, as stored
+        for key in ("plan", "layer_map", "model_config", "trainable", "base_hash"):
             if saved_meta.get(key) != meta.get(key):
                 raise SlayerError(f"{self.directory}/{step}: checkpoint field '{key}' does not match this run "
                                   f"(saved {_short(saved_meta.get(key))}, now {_short(meta.get(key))})")

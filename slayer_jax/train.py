@@ -270,6 +270,10 @@ def run(config) -> dict[str, Any]:
     del params
 
     mesh = make_mesh(c.mesh)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if int(c.batch_size) % (dp * int(c.get("grad_accum", 1))):
+        raise SlayerError(f"config: batch_size {c.batch_size} must be divisible by data*fsdp ({dp}) x grad_accum "
+                          f"({c.get('grad_accum', 1)}) for mesh {dict(mesh.shape)}")
     tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     steps = int(c.steps)

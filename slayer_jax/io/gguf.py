@@ -103,8 +103,9 @@ def _open_reader(path: Path):
         raise SlayerError(f"{path}: not a GGUF file (magic bytes {magic!r}; expected b'GGUF')")
     try:
         reader = GGUFReader(path)
-    except Exception as e:  # truncated headers surface as IndexError/ValueError/struct errors from numpy views
-        raise SlayerError(f"{path}: GGUF header is truncated or corrupt ({_one_line(e)})") from None
+    except Exception as e:  # short reads surface as ValueError/IndexError from numpy views of the mmap
+        raise SlayerError(f"{path}: truncated or corrupt GGUF file ({path.stat().st_size} bytes; "
+                          f"gguf reader: {_one_line(e)})") from None
     size = len(reader.data)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -145,14 +146,18 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
     def opt(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
+    def positive(key: str, value: Any) -> int:
+        if isinstance(value, list) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise SlayerError(f"{source}: field '{arch}.{key}' is {value!r}; expected one positive integer")
+        return int(value)
+
     n_layers = int(need("block_count"))
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    kv_heads = opt("attention.head_count_kv", heads)
-    if isinstance(kv_heads, list):
-        raise SlayerError(f"{source}: field '{arch}.attention.head_count_kv' is a per-layer list; "
-                          f"expected one integer (per-layer head counts are not implemented)")
-    kv_heads = int(kv_heads)
+    hidden = positive("embedding_length", need("embedding_length"))
+    heads = positive("attention.head_count", need("attention.head_count"))
+    kv_heads = positive("attention.head_count_kv", opt("attention.head_count_kv", heads))
+    if heads % kv_heads:
+        raise SlayerError(f"{source}: field '{arch}.attention.head_count_kv' ({kv_heads}) must divide "
+                          f"attention.head_count ({heads})")
     head_dim = int(opt("attention.key_length", hidden // heads))
     value_dim = int(opt("attention.value_length", head_dim))
     if value_dim != head_dim:
@@ -181,7 +186,10 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         if any(flags) and not all(flags):
             raise SlayerError(f"{source}: tensors 'blk.0.{{{what}}}.bias' are only partly present; "
                               f"expected all of them or none")
-    token_id = lambda key: meta.get(f"tokenizer.ggml.{key}")  # noqa: E731
+    def token_id(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        return None if value is None else int(value)
+
     cfg = ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -201,9 +209,6 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         eos_token_id=token_id("eos_token_id"),
         pad_token_id=token_id("padding_token_id"),
     )
-    if heads % kv_heads:
-        raise SlayerError(f"{source}: field '{arch}.attention.head_count_kv' ({kv_heads}) must divide "
-                          f"attention.head_count ({heads})")
     try:
         cfg.validate(source)
     except ConfigError as e:
@@ -226,7 +231,7 @@ def _rope_scaling(meta: dict[str, Any], arch: str, source: str, rope_freqs: np.n
         if factor is None:
             raise SlayerError(f"{source}: field '{arch}.rope.scaling.factor' is missing (required by linear "
                               f"rope scaling)")
-        return (("factor", _clean_float(factor)), ("rope_type", "linear"))
+        return tuple(sorted({"rope_type": "linear", "factor": _clean_float(factor)}.items()))
     raise SlayerError(f"{source}: field '{arch}.rope.scaling.type' is {kind!r}; expected 'none' or 'linear' "
                       f"(its maths is not implemented)")
 
@@ -255,11 +260,14 @@ def _llama3_from_rope_freqs(factors: np.ndarray, theta: float, head_dim: int,
         raise SlayerError(f"{fail} (needs at least two smoothly scaled frequencies; found {int(medium.sum())})")
     smooth = (1.0 / f[medium] - 1.0 / factor) / (1.0 - 1.0 / factor)  # s_i = old/(high-low)/w_i - low/(high-low)
     slope, intercept = np.polyfit(1.0 / wavelen[medium], smooth, 1)
-    old = float(LLAMA3_ORIGINAL_CONTEXT)
-    span = old / slope
+    if not slope > 0:
+        raise SlayerError(f"{fail} (its smooth region does not rise with frequency)")
+    span = LLAMA3_ORIGINAL_CONTEXT / slope  # high_freq_factor - low_freq_factor
     low = -intercept * span
-    rs = (("factor", factor), ("high_freq_factor", float(low + span)), ("low_freq_factor", float(low)),
-          ("original_max_position_embeddings", LLAMA3_ORIGINAL_CONTEXT), ("rope_type", "llama3"))
+    nice = lambda x: float(f"{x:.6g}")  # noqa: E731  (1.0000001 -> 1.0; checked below either way)
+    rs = tuple(sorted({"rope_type": "llama3", "factor": nice(factor), "low_freq_factor": nice(low),
+                       "high_freq_factor": nice(low + span),
+                       "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT}.items()))
     probe = ModelConfig(vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_attention_heads=1,
                         num_key_value_heads=1, head_dim=head_dim, rope_theta=theta, rope_scaling=rs)
     got = probe.rope_inv_freq().astype(np.float64)
@@ -278,13 +286,6 @@ def unpermute_qk(w_out_in: np.ndarray, n_head: int) -> np.ndarray:
     out = w_out_in.shape[0]
     half = out // n_head // 2
     return w_out_in.reshape(n_head, half, 2, *w_out_in.shape[1:]).swapaxes(1, 2).reshape(w_out_in.shape)
-
-
-def permute_qk(w_out_in: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's ``LlamaModel.permute`` (HF -> GGUF row order), for writing test files."""
-    out = w_out_in.shape[0]
-    half = out // n_head // 2
-    return w_out_in.reshape(n_head, 2, half, *w_out_in.shape[1:]).swapaxes(1, 2).reshape(w_out_in.shape)
 
 
 def _tensor_target(name: str, n_layers: int, source: str) -> tuple[tuple, bool]:
@@ -337,8 +338,9 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
         expect = _leaf(want, tree_path)
         got = shapes[t.name][::-1] if transposed else shapes[t.name]
         if expect is None or tuple(got) != tuple(expect.shape):
-            raise SlayerError(f"{source}: tensor '{t.name}' has shape {list(shapes[t.name])} (HF order); "
-                              f"the metadata implies {None if expect is None else list(expect.shape)}")
+            implied = None if expect is None else list(expect.shape[::-1] if transposed else expect.shape)
+            raise SlayerError(f"{source}: tensor '{t.name}' has shape {list(shapes[t.name])} ([out, in]); "
+                              f"the metadata implies {implied}")
         node = _parent(params, tree_path)
         if tree_path[-1] in node:
             raise SlayerError(f"{source}: tensor '{t.name}' appears twice")
@@ -377,17 +379,23 @@ def _parent(tree: dict, path: tuple) -> dict:
 
 
 def _check_complete(params: Params, want: Params, source: str) -> None:
-    have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    """Every leaf the config implies was read; names the first missing GGUF tensor."""
+    gguf_names = {path: name for name, (path, _) in _GLOBAL_TENSORS.items()}
     for p, _ in jax.tree_util.tree_leaves_with_path(want):
-        if jax.tree_util.keystr(p) not in have:
-            raise SlayerError(f"{source}: a tensor for {jax.tree_util.keystr(p)} is missing; the metadata "
-                              f"implies it")
+        path = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in p)
+        if _leaf(params, path) is None:
+            if path[0] == "layers":
+                suffix = next(s for s, (key, leaf, _) in _LAYER_TENSORS.items() if (key, leaf) == path[2:])
+                name = f"blk.{path[1]}.{suffix}"
+            else:
+                name = gguf_names[path]
+            raise SlayerError(f"{source}: tensor '{name}' is missing; the metadata implies it")
 
 
 # ----------------------------------------------------------------------------- tokenizer
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -453,22 +461,21 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str = "gguf"):
     user = [t for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED and t in vocab]
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
-    def special(key: str) -> str | None:
+    def special_id(key: str) -> int | None:
         i = meta.get(f"tokenizer.ggml.{key}")
-        if i is None:
-            return None
-        if not 0 <= int(i) < len(tokens):
+        if i is not None and not 0 <= int(i) < len(tokens):
             raise SlayerError(f"{source}: field 'tokenizer.ggml.{key}' is {i}; expected a token id below "
                               f"{len(tokens)}")
-        return tokens[int(i)]
+        return None if i is None else int(i)
 
-    bos, eos, unk, pad = (special(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id",
-                                                "padding_token_id"))
+    bos_id, eos_id, unk_id, pad_id = (special_id(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id",
+                                                              "padding_token_id"))
+    bos, eos, unk, pad = (None if i is None else tokens[i] for i in (bos_id, eos_id, unk_id, pad_id))
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
-    ids = [(t, vocab.get(t, tok.token_to_id(t))) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    ids = [(t, i) for t, i, on in ((bos, bos_id, add_bos), (eos, eos_id, add_eos)) if on]
     tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=ids)
 
     kwargs: dict[str, Any] = dict(bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
