@@ -167,6 +167,40 @@ def cmd_train(a: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _mesh_device_count(spec: str) -> int:
+    n = 1
+    for part in filter(None, spec.split(",")):
+        _, _, v = part.partition("=")
+        try:
+            n *= max(int(v), 1)
+        except ValueError:
+            raise SlayerError(f"--mesh: '{part}' is not AXIS=N") from None
+    return n
+
+
+def cmd_plan(a: argparse.Namespace, extra: list[str]) -> int:
+    n = _mesh_device_count(a.mesh)
+    if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={max(n, 1)}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from slayer_jax.aot import compile_for_mesh, format_plan, plan_memory
+    from slayer_jax.configs import load_config_file
+
+    config = load_config_file(a.config, extra)
+    report = plan_memory(config, a.mesh, a.device, num_layers=None)
+    print(format_plan(report))
+    summary = {k: v for k, v in report.items() if k not in ("specs", "abstract")}
+    if not a.no_compile:
+        info = compile_for_mesh(config, a.mesh, num_layers=a.compile_layers)
+        print(f"compiled the train step for a simulated {info['num_devices']}-device CPU mesh "
+              f"({info['num_layers']} layers) in {info['compile_s']:.1f}s: sharding is consistent")
+        summary["compile"] = info
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0 if report["fits"] else 1
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from slayer_jax.demo import run_demo
 
@@ -216,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="masked, sharded training from an ml_collections config")
     t.add_argument("--config", required=True, help="configs/<recipe>.py; override with --config.key=value")
     t.set_defaults(fn=cmd_train, wants_extra=True)
+
+    pl = sub.add_parser("plan", help="per-device memory for a config on a mesh, and an AOT compile check")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--mesh", required=True, help="data=..,fsdp=..,tensor=..")
+    pl.add_argument("--device", required=True, help="v5p-8 | v5e-8 | v6e-8 | h100-80gb")
+    pl.add_argument("--no-compile", action="store_true", help="memory table only")
+    pl.add_argument("--compile-layers", type=int, default=None,
+                    help="compile a model with this many original layers (same widths) to fit a small host")
+    pl.add_argument("--json", default=None, help="also write the report here")
+    pl.set_defaults(fn=cmd_plan, wants_extra=True)
 
     d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="slayer_demo")

@@ -11,6 +11,101 @@ import ml_collections
 from slayer_jax.errors import SlayerError
 
 
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a recipe may set, with the small-CPU defaults. Recipes start from this."""
+    c = ml_collections.ConfigDict()
+    c.model = "default"  # HF dir, .gguf, slayer checkpoint, or "default" (SmolLM2-135M-Instruct)
+    c.model_config = ""  # a slayer_jax.known_models name, for `slayer plan` without weights
+    c.workdir = "runs/run"
+    c.export_dir = ""  # HF export at the end ("" = none)
+    c.seed = 0
+    c.steps = 200
+    c.batch_size = 8  # global, in rows of seq_len tokens
+    c.grad_accum = 1
+    c.dtype = "float32"  # compute dtype; master weights of trainable params are always fp32
+    c.frozen_dtype = ""  # "" = fp32; "bfloat16" halves frozen-weight memory (they have no master copy)
+    c.remat = "none"  # none | full | save_dots
+    c.mesh = "data=-1"  # data=..,fsdp=..,tensor=..; one axis may be -1
+    c.full_finetune = False
+    c.log_every = 10
+    c.eval_every = 50
+    c.eval_batches = 4
+
+    c.plan = ml_collections.ConfigDict()
+    c.plan.kind = "shallow"  # none | shallow | uniform | file
+    c.plan.expand = 7
+    c.plan.prune = 0
+    c.plan.prune_mode = "deepest"  # deepest | keep_last
+    c.plan.prune_layers = ()  # explicit original indices, overrides prune/prune_mode
+    c.plan.refresh_last = False
+    c.plan.init = "average"
+    c.plan.file = ""
+    c.plan.train_head = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = ""  # .txt / dir / .jsonl / .parquet / datasets name
+    c.data.eval_source = ""
+    c.data.mode = "text"  # text | sft
+    c.data.field = ""
+    c.data.seq_len = 512
+    c.data.mixture = ""  # documentation of the paper-scale corpus mixture (see configs/)
+
+    c.optim = ml_collections.ConfigDict()  # LLaMA Pro defaults
+    c.optim.peak_lr = 2e-4
+    c.optim.warmup_frac = 0.06
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.checkpoint.resume = True
+    c.checkpoint.hash_base = True
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
+    """Checks that need no weights and no devices: one-line errors naming the key."""
+    from slayer_jax.sharding import parse_mesh
+
+    for key, ok, want in (
+        ("steps", int(c.steps) > 0, "a positive integer"),
+        ("batch_size", int(c.batch_size) > 0, "a positive integer"),
+        ("grad_accum", int(c.grad_accum) > 0 and int(c.batch_size) % int(c.grad_accum) == 0,
+         "a positive divisor of batch_size"),
+        ("dtype", c.dtype in ("float32", "bfloat16", "bf16", "fp32"), "float32 or bfloat16"),
+        ("frozen_dtype", c.frozen_dtype in ("", "float32", "bfloat16"), "'', float32 or bfloat16"),
+        ("remat", c.remat in ("none", "full", "save_dots"), "none, full or save_dots"),
+        ("plan.kind", c.plan.kind in ("none", "shallow", "uniform", "file"), "none, shallow, uniform or file"),
+        ("data.mode", c.data.mode in ("text", "sft"), "text or sft"),
+        ("data.seq_len", int(c.data.seq_len) > 1, "an integer > 1"),
+    ):
+        if not ok:
+            value = c
+            for part in key.split("."):
+                value = value[part]
+            raise SlayerError(f"{source}: config key '{key}' is {value!r}; expected {want}")
+    mesh = parse_mesh(c.mesh)
+    if sum(v == -1 for v in mesh.values()) > 1 or any(v == 0 or v < -1 for v in mesh.values()):
+        raise SlayerError(f"{source}: config key 'mesh' is {c.mesh!r}; expected positive sizes, at most one -1")
+    if c.plan.kind != "none":
+        from slayer_jax.aot import model_config_of
+        from slayer_jax.train import build_plan
+
+        try:
+            _, L = model_config_of(c)
+        except SlayerError:
+            return  # a model path that is not there yet: checked when the run loads it
+        try:
+            build_plan(c.plan, L)
+        except (ValueError, FileNotFoundError) as e:
+            raise SlayerError(f"{source}: config key 'plan' does not fit the {L}-layer model: {e}") from None
+
+
 def load_config_file(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     path = Path(path)
     if not path.exists():
@@ -23,6 +118,7 @@ def load_config_file(path: str | Path, overrides: list[str] = ()) -> ml_collecti
     cfg = mod.get_config()
     for ov in overrides:
         apply_override(cfg, ov, str(path))
+    validate(cfg, str(path))
     return cfg
 
 

@@ -207,6 +207,25 @@ def device_peak_flops() -> float | None:
     return None
 
 
+def maybe_initialize_distributed() -> bool:
+    """``jax.distributed.initialize()`` when launched on several hosts (driven by the
+    environment: Cloud TPU pod metadata, or JAX_COORDINATOR_ADDRESS / SLURM for GPUs);
+    single-host runs need nothing. Must run before the first jax computation."""
+    import os
+
+    multi = (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLAYER_MULTIHOST") == "1"
+             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+             or len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+    if not multi:
+        return False
+    try:
+        jax.distributed.initialize()
+    except RuntimeError as e:  # already initialised by the caller
+        if "already" not in str(e):
+            raise
+    return True
+
+
 def build_plan(pc, num_layers: int):
     """The surgery plan named by a config's ``plan`` block (None = train the model as it is)."""
     from slayer_jax import surgery
@@ -251,6 +270,7 @@ def run(config) -> dict[str, Any]:
     from slayer_jax.sharding import batch_sharding, make_mesh, param_shardings
 
     c = config
+    maybe_initialize_distributed()
     workdir = Path(c.workdir)
     is_main = jax.process_index() == 0
     params, cfg, tok = load_any(c.model)
@@ -268,6 +288,8 @@ def run(config) -> dict[str, Any]:
         lmap = [dict(r, trainable=True) for r in lmap]
     trainable, frozen = split_params(params, mask)
     del params
+    if c.get("frozen_dtype", ""):  # frozen weights need no fp32 master copy
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(as_dtype(c.frozen_dtype)), frozen)
 
     mesh = make_mesh(c.mesh)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -18,6 +18,8 @@ def load_any(src: str | Path, dtype: Any = None):
 
         src = str(default_model_dir())
     path = Path(src)
+    if not path.exists() and _looks_like_hub_id(src):
+        path = _download_from_hub(src)
     if not path.exists():
         raise SlayerError(f"{path}: not found; expected an HF model directory, a .gguf file or a slayer checkpoint")
     if path.is_file():
@@ -33,3 +35,25 @@ def load_any(src: str | Path, dtype: Any = None):
     from slayer_jax.io.hf import load_hf
 
     return load_hf(path, dtype=dtype)
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """safetensors + config + tokenizer files of a hub model (never pickles), when online."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not os.environ.get("SLAYER_ALLOW_DOWNLOAD"):
+        raise SlayerError(f"{repo_id}: not a local path, and the hub is offline (HF_HUB_OFFLINE=1); download it "
+                          f"first or set SLAYER_ALLOW_DOWNLOAD=1 with network access")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "tokenizer*",
+                                                               "*.jinja"]))
+    except Exception as e:  # network, auth or missing repo
+        raise SlayerError(f"{repo_id}: could not download from the hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -194,6 +194,15 @@ def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
     return params, cfg, tok
 
 
+def _host_copy(x: Any) -> np.ndarray:
+    """One tensor on this host: a plain fetch, or an all-gather when it spans several hosts."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def _dtype_name(dt: np.dtype) -> str:
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(np.dtype(dt).name, "float32")
 
@@ -247,7 +256,7 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
 
     def get(name: str) -> np.ndarray:
         tree_path, transposed = transposed_of[name]
-        arr = np.asarray(jax.device_get(_get(params, tree_path)))
+        arr = _host_copy(_get(params, tree_path))
         if transposed:
             arr = arr.T
         if out_dtype is not None:
@@ -255,6 +264,10 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
         bar.update(1)
         return arr
 
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        for s in specs:  # take part in each tensor's all-gather; process 0 writes
+            _host_copy(_get(params, transposed_of[s[0]][0]))
+        return out_dir
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -1,0 +1,49 @@
+"""Llama SLayer 8B, exactly as in the paper (Chen et al., Findings of EMNLP 2024).
+
+- Base: Llama-2-7B, 32 layers.
+- Expand: 8 averaged identity blocks, one after each of original layers 1, 3, ..., 15 (new
+  indices 2, 5, ..., 23 of 40); o_proj and down_proj zeroed.
+- Prune: the 2 deepest layers (30, 31): 40 -> 38 layers, ~7.95B parameters.
+- Train: the 8 new blocks and the refreshed new last layer (old layer 29, re-initialised as
+  the average of layers 29 and 30): 9 blocks; embeddings, final norm, LM head frozen.
+- Optimizer: LLaMA Pro's recipe: peak LR 2e-4, 6% warmup + cosine, weight decay 0.1, clip 1.0,
+  bf16, sequence 4096, global batch 1024, 15,900 steps (~80B tokens).
+- Corpus (code + math, as LLaMA Pro): Proof-Pile-2 (EleutherAI/proof-pile-2: algebraic-stack,
+  open-web-math, arxiv; 55B tokens) and The-Stack-Dedup Python (bigcode/the-stack-dedup,
+  data/python; 22B tokens, mixture weight 1.5). `data.source` takes one prepared source;
+  build the mixture into one dataset (e.g. parquet shards) first.
+
+    slayer plan  --config configs/slayer_llama2_7b.py --mesh data=1,fsdp=4,tensor=1 --device v5p-8
+    slayer train --config configs/slayer_llama2_7b.py --config.model=/path/to/Llama-2-7b-hf \\
+                 --config.data.source=/path/to/mixture
+"""
+
+from slayer_jax.configs import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model = "meta-llama/Llama-2-7b-hf"
+    c.model_config = "llama2_7b"
+    c.workdir = "runs/slayer_llama2_7b"
+    c.export_dir = "runs/slayer_llama2_7b/hf"
+    c.steps = 15900
+    c.batch_size = 1024
+    c.grad_accum = 64  # 16 rows per microbatch (4 per device on v5p-8)
+    c.dtype = "bfloat16"
+    c.frozen_dtype = "bfloat16"
+    c.remat = "full"
+    c.mesh = "data=1,fsdp=-1,tensor=1"
+    c.log_every = 10
+    c.eval_every = 500
+    c.plan.kind = "shallow"
+    c.plan.expand = 8
+    c.plan.prune = 2
+    c.plan.prune_mode = "deepest"
+    c.plan.refresh_last = True
+    c.plan.init = "average"
+    c.data.seq_len = 4096
+    c.data.mixture = ("EleutherAI/proof-pile-2:algebraic-stack,open-web-math,arxiv@1.0;"
+                      "bigcode/the-stack-dedup:data/python@1.5")
+    c.checkpoint.every = 500
+    return c
