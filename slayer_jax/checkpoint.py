@@ -76,14 +76,15 @@ def load_model(path: str | Path, dtype: Any = None):
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(path / PARAMS_DIR)
         tree_meta = getattr(meta, "item_metadata", meta)
-        saved = jax.tree_util.tree_map(lambda m: tuple(m.shape), tree_meta)
-        want = jax.tree_util.tree_map(lambda a: tuple(a.shape), abstract)
-        if jax.tree_util.tree_structure(saved) != jax.tree_util.tree_structure(want) or saved != want:
-            raise SlayerError(f"{path / PARAMS_DIR}: saved tree does not match config.json "
-                              f"({n_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
-        target = jax.tree_util.tree_map(
-            lambda a, m: jax.ShapeDtypeStruct(a.shape, np.dtype(dtype) if dtype is not None else m.dtype),
-            abstract, tree_meta)
+        saved = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
+        want = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+        for key in sorted(set(saved) | set(want)):
+            if key not in saved or key not in want or tuple(saved[key].shape) != tuple(want[key].shape):
+                raise SlayerError(f"{path / PARAMS_DIR}: leaf {key} does not match config.json "
+                                  f"({n_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, a: jax.ShapeDtypeStruct(a.shape, np.dtype(dtype) if dtype is not None
+                                              else saved[jax.tree_util.keystr(p)].dtype), abstract)
         params = ckptr.restore(path / PARAMS_DIR, target)
     return params, cfg, load_tokenizer(path)
 

@@ -68,3 +68,25 @@ def test_sharded_export_index(tokens, tmp_path):
     params2, _, _ = load_hf(out, progress=False)  # our importer reads the sharded layout too
     assert np.array_equal(np.asarray(params2["layers"][2]["down_proj"]["kernel"]),
                           np.asarray(params["layers"][2]["down_proj"]["kernel"]))
+
+
+def test_cli_checkpoint_round_trip_and_info(tokens, tmp_path, capsys):
+    """convert HF -> slayer checkpoint -> export HF: the same logits in transformers; info counts."""
+    from transformers import AutoModelForCausalLM
+
+    from slayer_jax.cli import main
+
+    hf = make_hf_model("tied_embeddings")
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--to", "checkpoint"]) == 0
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    sd, sd_back = hf.state_dict(), back.state_dict()
+    for name, t in sd.items():  # fp32 all the way: every weight bit-identical
+        assert (t == sd_back[name]).all(), name
+    assert np.abs(hf_logits(back, tokens) - hf_logits(hf, tokens)).max() < TOL
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ckpt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_layers"] == 3 and info["total_params"] == sum(p.numel() for p in hf.parameters())
+    assert "lm_head" not in info["components"]
