@@ -285,7 +285,7 @@ def write_report(out: Path, ctx: dict) -> Path:
                      f"{_fmt(r['step_s'], 2)} |")
     lines += ["", f"MCQ: {ctx['mcq_n']} questions ({ctx['mcq_chance']:.2f} is chance), so one question is "
               f"{1 / ctx['mcq_n']:.3f} of accuracy.", "",
-              "![importance](importance/importance_layers.png)", "",
+              "![importance](importance/importance_metrics.png)", "", "![removal drops](importance/importance_drops.png)", "",
               "![loss](loss.png)", "", "![domain vs forgetting](domain_vs_forgetting.png)", ""]
     if ctx.get("tradeoff"):
         lines += ["![trade-off curves](tradeoff.png)", ""]
