@@ -180,7 +180,7 @@ def _mesh_device_count(spec: str) -> int:
 
 def cmd_plan(a: argparse.Namespace, extra: list[str]) -> int:
     n = _mesh_device_count(a.mesh)
-    if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # read when jax first starts a backend
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={max(n, 1)}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compile a model with this many original layers (same widths) to fit a small host")
     pl.add_argument("--json", default=None, help="also write the report here")
     pl.set_defaults(fn=cmd_plan, wants_extra=True)
+
+    from slayer_jax.importance import add_cli as add_importance_cli
+
+    add_importance_cli(sub)
 
     d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="slayer_demo")
