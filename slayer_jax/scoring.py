@@ -66,7 +66,7 @@ class MCQ:
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     if not path.is_file():
-        raise SlayerError(f"{path}: file not found")
+        raise SlayerError(f"{path}: file not found; expected a JSONL file (one JSON object a line), or 'sample'")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
