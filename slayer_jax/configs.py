@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.frozen_dtype = ""  # "" = fp32; "bfloat16" halves frozen-weight memory (they have no master copy)
     c.remat = "none"  # none | full | save_dots
     c.mesh = "data=-1"  # data=..,fsdp=..,tensor=..; one axis may be -1
+    c.num_devices = 0  # 0 = every device; N = the mesh uses the first N (e.g. 1 for a CPU demo)
     c.full_finetune = False
     c.log_every = 10
     c.eval_every = 50

@@ -140,6 +140,7 @@ def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int,
     c.seed = seed
     c.steps = steps
     c.batch_size = 4
+    c.num_devices = 1  # a 2-core CPU gains nothing from a mesh of simulated devices
     c.data.seq_len = 256
     c.data.source = str(paths["code_train"])
     c.log_every = 5

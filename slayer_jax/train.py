@@ -293,7 +293,8 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if c.get("frozen_dtype", ""):  # frozen weights need no fp32 master copy
         frozen = jax.tree_util.tree_map(lambda x: x.astype(as_dtype(c.frozen_dtype)), frozen)
 
-    mesh = make_mesh(c.mesh)
+    n_dev = int(c.get("num_devices", 0) or 0)
+    mesh = make_mesh(c.mesh, devices=jax.devices()[:n_dev] if n_dev else None)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if int(c.batch_size) % (dp * int(c.get("grad_accum", 1))):
         raise SlayerError(f"config: batch_size {c.batch_size} must be divisible by data*fsdp ({dp}) x grad_accum "
