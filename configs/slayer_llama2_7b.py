@@ -10,7 +10,7 @@
   bf16, sequence 4096, global batch 1024, 15,900 steps (~80B tokens).
 - Corpus (code + math, as LLaMA Pro): Proof-Pile-2 (EleutherAI/proof-pile-2: algebraic-stack,
   open-web-math, arxiv; 55B tokens) and The-Stack-Dedup Python (bigcode/the-stack-dedup,
-  data/python; 22B tokens, mixture weight 1.5). `data.source` takes one prepared source;
+  data/python; 22B tokens, mixture weight 1.5; settings in slayer_jax.configs.paper_scale). `data.source` takes one prepared source;
   build the mixture into one dataset (e.g. parquet shards) first.
 
     slayer plan  --config configs/slayer_llama2_7b.py --mesh data=1,fsdp=4,tensor=1 --device v5p-8
@@ -18,32 +18,15 @@
                  --config.data.source=/path/to/mixture
 """
 
-from slayer_jax.configs import base_config
+from slayer_jax.configs import base_config, paper_scale
 
 
 def get_config():
-    c = base_config()
-    c.model = "meta-llama/Llama-2-7b-hf"
-    c.model_config = "llama2_7b"
-    c.workdir = "runs/slayer_llama2_7b"
-    c.export_dir = "runs/slayer_llama2_7b/hf"
-    c.steps = 15900
-    c.batch_size = 1024
-    c.grad_accum = 64  # 16 rows per microbatch (4 per device on v5p-8)
-    c.dtype = "bfloat16"
-    c.frozen_dtype = "bfloat16"
-    c.remat = "full"
-    c.mesh = "data=1,fsdp=-1,tensor=1"
-    c.log_every = 10
-    c.eval_every = 500
+    c = paper_scale(base_config(), "slayer_llama2_7b", "meta-llama/Llama-2-7b-hf", "llama2_7b")
     c.plan.kind = "shallow"
     c.plan.expand = 8
     c.plan.prune = 2
     c.plan.prune_mode = "deepest"
     c.plan.refresh_last = True
     c.plan.init = "average"
-    c.data.seq_len = 4096
-    c.data.mixture = ("EleutherAI/proof-pile-2:algebraic-stack,open-web-math,arxiv@1.0;"
-                      "bigcode/the-stack-dedup:data/python@1.5")
-    c.checkpoint.every = 500
     return c

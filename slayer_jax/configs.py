@@ -69,6 +69,23 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def paper_scale(c: ml_collections.ConfigDict, name: str, model: str, model_config: str) -> ml_collections.ConfigDict:
+    """The LLaMA Pro pretraining settings shared by the 7B/8B recipes: ~80B tokens as 15,900 steps
+    of 1024 x 4096, bf16 compute over fp32 masters, frozen weights in bf16, full remat, FSDP over
+    every device, 16 rows per microbatch."""
+    c.model, c.model_config = model, model_config
+    c.workdir, c.export_dir = f"runs/{name}", f"runs/{name}/hf"
+    c.steps, c.batch_size, c.grad_accum = 15900, 1024, 64
+    c.dtype, c.frozen_dtype, c.remat = "bfloat16", "bfloat16", "full"
+    c.mesh = "data=1,fsdp=-1,tensor=1"
+    c.eval_every = 500
+    c.data.seq_len = 4096
+    c.data.mixture = ("EleutherAI/proof-pile-2:algebraic-stack,open-web-math,arxiv@1.0;"
+                      "bigcode/the-stack-dedup:data/python@1.5")
+    c.checkpoint.every = 500
+    return c
+
+
 def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
     """Checks that need no weights and no devices: one-line errors naming the key."""
     from slayer_jax.sharding import parse_mesh
