@@ -40,7 +40,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax

