@@ -266,9 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_importance_cli(sub)
 
+    from slayer_jax.evaluate import add_cli as add_eval_cli
+
+    add_eval_cli(sub)
+
     d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="slayer_demo")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default 60, 4 x 256 tokens each)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default 30, 4 x 256 tokens each)")
     d.add_argument("--compare", action="store_true", help="also LLaMA Pro and full fine-tuning, same tokens")
     d.add_argument("--seeds", type=int, default=1, help="training seeds per method")
     d.add_argument("--importance-windows", type=int, default=6, help="128-token English windows for the sweep")

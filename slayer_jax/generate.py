@@ -49,7 +49,7 @@ import numpy as np
 
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import (RMSNorm, Params, apply_rope, as_dtype, attention_mask, dot_product_attention, embed,
+from slayer_jax.model import (Params, as_dtype, block_epilogue, block_qkv, attention_mask, dot_product_attention, embed,
                               forward, rope_cos_sin, unembed)
 
 # Traces of the jitted functions below (one per compile): tests and benchmarks read this.
@@ -97,15 +97,9 @@ class CachedDecoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, cache_k, cache_v, write_col):
         cfg, dt = self.cfg, self.dtype
-        H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        K, Dh = cfg.num_key_value_heads, cfg.head_dim
         B, T, _ = x_BxTxD.shape
-        dense = functools.partial(nn.Dense, dtype=dt, param_dtype=jnp.float32)
-
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="attn_norm")(x_BxTxD)
-        q = dense(H * Dh, use_bias=cfg.attention_bias, name="q_proj")(h).reshape(B, T, H, Dh)
-        k = dense(K * Dh, use_bias=cfg.attention_bias, name="k_proj")(h).reshape(B, T, K, Dh)
-        v = dense(K * Dh, use_bias=cfg.attention_bias, name="v_proj")(h).reshape(B, T, K, Dh)
-        q, k = apply_rope(q, cos_BxTxDh, sin_BxTxDh), apply_rope(k, cos_BxTxDh, sin_BxTxDh)
+        q, k, v = block_qkv(cfg, dt, x_BxTxD, cos_BxTxDh, sin_BxTxDh)
         zero, col = jnp.zeros((), jnp.int32), jnp.asarray(write_col, jnp.int32)
         k_new = k.transpose(0, 2, 1, 3).reshape(B * K, T, Dh)  # [B*K, T, Dh]
         v_new = v.transpose(0, 2, 3, 1).reshape(B * K, Dh, T)  # [B*K, Dh, T]
@@ -115,13 +109,7 @@ class CachedDecoderBlock(nn.Module):
             attn = dot_product_attention(q, k, v, mask_BxTxS, dt)
         else:
             attn = cached_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask_BxTxS, dt)
-        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(attn)
-
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="mlp_norm")(x_BxTxD)
-        gate = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(h)
-        up = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(h)
-        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(nn.silu(gate) * up)
-        return x_BxTxD, cache_k, cache_v
+        return block_epilogue(cfg, dt, x_BxTxD, attn), cache_k, cache_v
 
 
 def init_cache(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype: Any = jnp.float32):

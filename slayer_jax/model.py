@@ -26,7 +26,7 @@ K kv heads, G = H // K, Dh head dim, F MLP width, V vocab.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -105,6 +105,32 @@ def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS, dtype)
     return out.reshape(B, T, H * Dh)
 
 
+def block_qkv(cfg: ModelConfig, dt: Any, x_BxTxD, cos_BxTxDh, sin_BxTxDh):
+    """The attention half's prologue: norm, q/k/v projections, RoPE -> q [B,T,H,Dh], k and v [B,T,K,Dh].
+
+    Called inside a block's compact ``__call__`` (the submodules become the block's params), so every
+    block variant (training, KV-cache decoding) shares this code and the same parameter names.
+    """
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    B, T, _ = x_BxTxD.shape
+    dense = functools.partial(nn.Dense, dtype=dt, param_dtype=jnp.float32, use_bias=cfg.attention_bias)
+    h = RMSNorm(cfg.rms_norm_eps, dt, name="attn_norm")(x_BxTxD)
+    q = dense(H * Dh, name="q_proj")(h).reshape(B, T, H, Dh)
+    k = dense(K * Dh, name="k_proj")(h).reshape(B, T, K, Dh)
+    v = dense(K * Dh, name="v_proj")(h).reshape(B, T, K, Dh)
+    return apply_rope(q, cos_BxTxDh, sin_BxTxDh), apply_rope(k, cos_BxTxDh, sin_BxTxDh), v
+
+
+def block_epilogue(cfg: ModelConfig, dt: Any, x_BxTxD, attn_BxTxHDh):
+    """The rest of a block after attention: o_proj residual, then norm + SwiGLU MLP residual."""
+    dense = functools.partial(nn.Dense, dtype=dt, param_dtype=jnp.float32)
+    x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(attn_BxTxHDh)
+    h = RMSNorm(cfg.rms_norm_eps, dt, name="mlp_norm")(x_BxTxD)
+    gate = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(h)
+    up = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(h)
+    return x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm Llama block: x + attn(norm(x)); x + mlp(norm(x)). Its params are one list entry."""
 
@@ -113,23 +139,9 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS):
-        cfg, dt = self.cfg, self.dtype
-        H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        B, T, _ = x_BxTxD.shape
-        dense = functools.partial(nn.Dense, dtype=dt, param_dtype=jnp.float32)
-
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="attn_norm")(x_BxTxD)
-        q = dense(H * Dh, use_bias=cfg.attention_bias, name="q_proj")(h).reshape(B, T, H, Dh)
-        k = dense(K * Dh, use_bias=cfg.attention_bias, name="k_proj")(h).reshape(B, T, K, Dh)
-        v = dense(K * Dh, use_bias=cfg.attention_bias, name="v_proj")(h).reshape(B, T, K, Dh)
-        q, k = apply_rope(q, cos_BxTxDh, sin_BxTxDh), apply_rope(k, cos_BxTxDh, sin_BxTxDh)
-        attn = dot_product_attention(q, k, v, mask_BxTxS, dt)
-        x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(attn)
-
-        h = RMSNorm(cfg.rms_norm_eps, dt, name="mlp_norm")(x_BxTxD)
-        gate = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(h)
-        up = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(h)
-        return x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+        q, k, v = block_qkv(self.cfg, self.dtype, x_BxTxD, cos_BxTxDh, sin_BxTxDh)
+        attn = dot_product_attention(q, k, v, mask_BxTxS, self.dtype)
+        return block_epilogue(self.cfg, self.dtype, x_BxTxD, attn)
 
 
 # ----------------------------------------------------------------------------- forward

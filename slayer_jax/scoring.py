@@ -154,14 +154,16 @@ def mcq_prompt(q: MCQ) -> tuple[str, list[str]]:
 
 
 def tokenize_mcq(tok, questions: Sequence[MCQ]) -> list[dict[str, Any]]:
-    """Each question as {"context": ids, "choices": [ids, ...], "answer": i, "choice_bytes": [n, ...]}."""
+    """Each question as {"context": ids, "choices": [ids, ...], "answer": i, "choice_chars": [n, ...]}.
+
+    ``choice_chars`` is what lm-eval's acc_norm divides by: characters of the choice, without the leading space."""
     prefix = bos_prefix(tok)
     out = []
     for q in questions:
         ctx, conts = mcq_prompt(q)
         out.append({"context": prefix + list(tok.encode(ctx, add_special_tokens=False)),
                     "choices": [list(tok.encode(c, add_special_tokens=False)) for c in conts],
-                    "answer": q.answer, "choice_bytes": [len(c.encode("utf-8")) for c in conts]})
+                    "answer": q.answer, "choice_chars": [len(c) for c in q.choices]})
     return out
 
 
@@ -190,7 +192,7 @@ class EvalSet:
     batch_size: int
     mcq_items: list[list[int]]  # per question: the item id of each choice
     answers: list[int]
-    choice_bytes: list[list[int]]
+    choice_chars: list[list[int]]
 
     @property
     def n_items(self) -> int:
@@ -233,7 +235,7 @@ def pack(windows: Sequence[Sequence[int]], mcq: Sequence[dict[str, Any]] = (), s
             raise SlayerError(f"text window {i}: {len(w)} tokens; expected 2..{seq_len}")
         units.append((list(w), i, [], True))
     item = len(windows)
-    mcq_items, answers, cbytes = [], [], []
+    mcq_items, answers, cchars = [], [], []
     for qi, q in enumerate(mcq):
         ctx, choices = list(q["context"]), [list(c) for c in q["choices"]]
         n = len(ctx) + sum(len(c) for c in choices)
@@ -248,7 +250,7 @@ def pack(windows: Sequence[Sequence[int]], mcq: Sequence[dict[str, Any]] = (), s
         units.append((ctx, None, list(zip(choices, ids)), False))
         mcq_items.append(ids)
         answers.append(int(q["answer"]))
-        cbytes.append(list(q.get("choice_bytes") or [len(c) for c in choices]))
+        cchars.append(list(q.get("choice_chars") or [len(c) for c in choices]))
 
     def rows_for(us):
         rows: list[list] = []  # each: [used, [units]]
@@ -298,7 +300,7 @@ def pack(windows: Sequence[Sequence[int]], mcq: Sequence[dict[str, Any]] = (), s
                 a["prev"][r, o + 1:o + n] = np.arange(o, o + n - 1)
                 o += n
     return EvalSet(a["tokens"], a["positions"], a["segments"], a["branches"], a["prev"], a["target"], tw, lw,
-                   len(windows), len(text_rows), batch_size, mcq_items, answers, cbytes)
+                   len(windows), len(text_rows), batch_size, mcq_items, answers, cchars)
 
 
 def build_evalset(tok, text_docs: Sequence[str], questions: Sequence[MCQ], seq_len: int = 128,
@@ -390,7 +392,7 @@ class Scores:
             out.update(nll=float(nll), ppl=float(math.exp(min(nll, 700.0))))
         if es.mcq_items:
             correct = correct_norm = 0
-            for ids, ans, nb in zip(es.mcq_items, es.answers, es.choice_bytes):
+            for ids, ans, nb in zip(es.mcq_items, es.answers, es.choice_chars):
                 ll = self.loglik[ids]
                 correct += int(np.argmax(ll)) == ans
                 correct_norm += int(np.argmax(ll / np.asarray(nb, np.float64))) == ans
