@@ -117,3 +117,53 @@ def test_resume_into_other_plan_is_refused_and_nan_stops(tiny_setup):
     finally:
         train_mod.token_nll = real
     assert TrainCheckpointer(work / "nan" / "checkpoints").latest_step() == 2
+
+
+SAVE_CHILD = r'''
+import sys
+import jax.numpy as jnp
+from slayer_jax.checkpoint import TrainCheckpointer
+ck = TrainCheckpointer(sys.argv[1], keep=3, async_save=False)
+meta = {"plan": "p", "base_hash": "h"}
+ck.save(1, {"w": jnp.arange(10.0)}, {"pos": 1}, meta)
+ck.wait()
+print("SAVED1", flush=True)
+ck.save(2, {"w": jnp.full((int(sys.argv[2]), 1024, 1024), 2.0, jnp.float32)}, {"pos": 2}, meta)
+ck.wait()
+print("SAVED2", flush=True)
+'''
+
+
+def test_save_killed_mid_write_leaves_previous_checkpoint_restorable(tmp_path):
+    """SIGKILL a process while orbax writes step 2; step 1 must still be the latest restorable step."""
+    import jax
+    import jax.numpy as jnp
+
+    from slayer_jax.checkpoint import TrainCheckpointer
+
+    caught = False
+    for attempt, mib in enumerate((256, 1024)):  # a bigger write if the first one finished before the kill
+        d = tmp_path / f"ckpt{attempt}"
+        env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+        child = subprocess.Popen([sys.executable, "-c", SAVE_CHILD, str(d), str(mib)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert child.stdout.readline().strip() == "SAVED1"
+        deadline = time.time() + 120
+        while time.time() < deadline and child.poll() is None:
+            if any(p.name.startswith("2") and p.name != "2" for p in d.iterdir()):  # orbax's "2.orbax-...-tmp-..."
+                break
+            time.sleep(0.001)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if not (d / "2").exists():  # the kill landed before step 2 was committed
+            caught = True
+            break
+    assert caught, "step 2 committed before the kill in every attempt; the test could not interrupt a save"
+    assert any(p.name.startswith("2") for p in d.iterdir()), "the interrupted step-2 write left no trace"
+
+    ck = TrainCheckpointer(d, keep=3, async_save=False)
+    assert ck.latest_step() == 1
+    state, data, step = ck.restore({"w": jax.ShapeDtypeStruct((10,), jnp.float32)}, {"plan": "p", "base_hash": "h"})
+    ck.close()
+    assert step == 1 and data == {"pos": 1}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(10.0, dtype=np.float32))
