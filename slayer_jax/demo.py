@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 PAPER_L, PAPER_EXPAND, PAPER_PRUNE = 32, 8, 2
-# 30 x 1024 tokens: the masked step takes about 18 s on a quiet 2-core machine,
+# 30 x 1024 tokens: the masked step takes about 14.5 s on a quiet 2-core machine,
 # which keeps the default run inside its 15-minute budget (docs/demo.md has the stage timings).
 DEFAULT_STEPS = 30
 
