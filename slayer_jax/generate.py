@@ -49,8 +49,8 @@ import numpy as np
 
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import (Params, as_dtype, block_epilogue, block_qkv, attention_mask, dot_product_attention, embed,
-                              forward, rope_cos_sin, unembed)
+from slayer_jax.model import (Params, RMSNorm, as_dtype, attention_mask, block_epilogue, block_qkv,
+                              dot_product_attention, embed, forward, rope_cos_sin)
 
 # Traces of the jitted functions below (one per compile): tests and benchmarks read this.
 TRACES: collections.Counter = collections.Counter()
@@ -121,6 +121,35 @@ def init_cache(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype: 
 
 def cache_bytes(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype: Any = jnp.float32) -> int:
     return 2 * n_layers * batch * length * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+# ----------------------------------------------------------------------------- logits
+def head_VxD(params: Params) -> jax.Array:
+    """The output projection as [V, D]: the tied embedding itself, or the lm_head kernel transposed."""
+    if "head_VxD" in params:
+        return params["head_VxD"]
+    if "lm_head" in params:
+        return params["lm_head"]["kernel"].T
+    return params["embed"]["embedding"]
+
+
+def logits_VxB(params: Params, cfg: ModelConfig, x_BxD: jax.Array, dtype: Any) -> jax.Array:
+    """Next-token logits [V, B] (float32) of the last hidden states x [B, D].
+
+    Vocabulary-major on purpose: with a handful of rows, XLA:CPU runs ``[V,D] x [D,B]`` about twice
+    as fast as ``[B,D] x [D,V]`` (10.8 against 24 ms for SmolLM2's 49152 x 576 head at B = 8), and
+    greedy decoding takes its argmax over V without transposing.
+    """
+    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x_BxD)
+    return jnp.einsum("vd,bd->vb", head_VxD(params).astype(dtype), x, preferred_element_type=jnp.float32)
+
+
+def next_tokens(lg_VxB, key, temperature, top_k, top_p, *, greedy: bool, filtered: bool):
+    """(tokens [B], logits [B, V] or None): greedy argmax straight over V; sampling needs [B, V]."""
+    if greedy:
+        return jnp.argmax(lg_VxB, axis=0).astype(jnp.int32), None
+    logits = lg_VxB.T
+    return sample_logits(logits, key, temperature, top_k, top_p, greedy=False, filtered=filtered), logits
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -194,15 +223,16 @@ def prefill(params: Params, tokens_BxT, pad_B, active_B, cache, key, temperature
     for layer, (ck, cv) in zip(params["layers"], cache):
         x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, 0)
         new_cache.append((ck, cv))
-    logits = unembed(params, cfg, x[:, -1:], dtype)[:, 0]  # [B, V] float32
+    lg_VxB = logits_VxB(params, cfg, x[:, -1], dtype)
     key, sub = jax.random.split(key)
-    tok = sample_logits(logits, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
+    tok, logits = next_tokens(lg_VxB, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
     done = ~active_B
     tok = jnp.where(done, 0, tok)
     buf = jnp.zeros((B, S), jnp.int32).at[:, :T].set(tokens_BxT).at[:, T].set(tok)
     state = {"cache": new_cache, "buf": buf, "col": jnp.int32(T + 1), "done": done | _stopped(tok, stop_ids),
              "pad": pad_B, "key": key}
     if keep_logits:
+        logits = lg_VxB.T if logits is None else logits
         state["logits"] = jnp.zeros((B, S, logits.shape[-1]), jnp.float32).at[:, T].set(logits)
     return state
 
@@ -222,14 +252,15 @@ def _decode_step(params, state, temperature, top_k, top_p, stop_ids, cfg, dtype,
     for layer, (ck, cv) in zip(params["layers"], state["cache"]):
         x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, prev)
         new_cache.append((ck, cv))
-    logits = unembed(params, cfg, x, dtype)[:, 0]
+    lg_VxB = logits_VxB(params, cfg, x[:, 0], dtype)
     key, sub = (state["key"], state["key"]) if greedy else jax.random.split(state["key"])
-    nxt = sample_logits(logits, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
+    nxt, logits = next_tokens(lg_VxB, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
     nxt = jnp.where(state["done"], 0, nxt)
     out = dict(state, cache=new_cache, key=key, col=col + 1,
                buf=jax.lax.dynamic_update_slice(state["buf"], nxt[:, None], (jnp.int32(0), col)),
                done=state["done"] | _stopped(nxt, stop_ids))
     if "logits" in state:
+        logits = lg_VxB.T if logits is None else logits
         out["logits"] = jax.lax.dynamic_update_slice(state["logits"], logits[:, None, :],
                                                      (jnp.int32(0), col, jnp.int32(0)))
     return out
@@ -295,7 +326,11 @@ class Generator:
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Any = None, *, dtype: Any = "float32",
                  prompt_bucket: int = 64, length_bucket: int = 128, max_batch: int = 64):
-        self.params, self.cfg, self.tok = params, cfg, tokenizer
+        self.cfg, self.tok = cfg, tokenizer
+        # decoding reads the output projection as [V, D] (see logits_VxB): an untied lm_head is
+        # transposed once here on CPU, not per token (accelerators read either layout at full speed)
+        on_cpu = jax.default_backend() == "cpu"
+        self.params = dict(params, head_VxD=head_VxD(params)) if on_cpu and "lm_head" in params else params
         self.dtype = as_dtype(dtype)
         self.prompt_bucket, self.length_bucket, self.max_batch = prompt_bucket, length_bucket, max_batch
         self._caches: dict[tuple[int, int], Any] = {}
