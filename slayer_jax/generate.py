@@ -19,8 +19,8 @@ Layout (shape suffixes as in :mod:`slayer_jax.model`; S is the cache length)::
   ``c - pad[b]`` and attends to columns ``pad[b] .. c`` (and, for Mistral, only the last
   ``sliding_window`` of them). Positions and the mask follow from ``pad`` and the column, so
   the cache stores nothing but k and v.
-- One compile per shape bucket: batch B (rounded up to a power of two), prompt length T (rounded
-  up to ``prompt_bucket``) and cache length S (``T + max_new_tokens`` rounded up to
+- One compile per shape bucket: batch B (rounded up to a power of two), prompt length T (a power
+  of two from 16 up to ``prompt_bucket``, then rounded up to multiples of it) and cache length S (``T + max_new_tokens`` rounded up to
   ``length_bucket``). Prompt lengths, ``max_new_tokens``, temperature, top-k, top-p, seeds and
   stop tokens within a bucket are traced values, never new traces. :data:`TRACES` counts traces.
 - The cache of a (B, S) bucket is allocated once per :class:`Generator` and reused: each call
@@ -123,6 +123,74 @@ def cache_bytes(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype:
     return 2 * n_layers * batch * length * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+# ----------------------------------------------------------------------------- one block, feature-major
+_PROJ = (("q_proj", "attention_bias"), ("k_proj", "attention_bias"), ("v_proj", "attention_bias"),
+         ("o_proj", "attention_bias"), ("gate_proj", "mlp_bias"), ("up_proj", "mlp_bias"), ("down_proj", "mlp_bias"))
+
+
+def feature_major_layers(params: Params) -> list[dict]:
+    """Each layer's weights for :func:`feature_major_block`: kernels transposed to [F_out, D_in].
+
+    With one token per row, the decode step's activations are a few columns; XLA:CPU multiplies
+    ``[F, D] x [D, B]`` much faster than ``[B, D] x [D, F]`` at small B (a SmolLM2 layer's seven
+    projections: 1.8 against 3.2 ms at B = 8). Norm scales and biases are reshaped to columns.
+    """
+    out = []
+    for layer in params["layers"]:
+        fm = {"attn_norm": layer["attn_norm"]["scale"][:, None], "mlp_norm": layer["mlp_norm"]["scale"][:, None]}
+        for name, _ in _PROJ:
+            fm[name] = jnp.asarray(layer[name]["kernel"]).T
+            if "bias" in layer[name]:
+                fm[name + "_bias"] = layer[name]["bias"][:, None]
+        out.append(fm)
+    return out
+
+
+def _rms_norm_DxB(x_DxB, scale_Dx1, eps: float, dt):
+    """:class:`slayer_jax.model.RMSNorm` over the feature axis 0 (same casts)."""
+    x32 = x_DxB.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
+    return scale_Dx1.astype(dt) * x32.astype(dt)
+
+
+def _proj_FxB(fm: dict, name: str, h_DxB, dt):
+    y = jnp.dot(fm[name].astype(dt), h_DxB.astype(dt))
+    return y + fm[name + "_bias"].astype(dt) if name + "_bias" in fm else y
+
+
+def _rope_NxDhxB(x_NxDhxB, cos_DhxB, sin_DhxB):
+    half = x_NxDhxB.shape[1] // 2
+    rotated = jnp.concatenate([-x_NxDhxB[:, half:], x_NxDhxB[:, :half]], axis=1)
+    return x_NxDhxB * cos_DhxB[None] + rotated * sin_DhxB[None]
+
+
+def feature_major_block(cfg: ModelConfig, dt, fm: dict, x_DxB, cos_DhxB, sin_DhxB, mask_Bx1xS, cache_k, cache_v,
+                        write_col):
+    """One decode token per row through one layer, activations kept as columns [D, B].
+
+    The same maths as :class:`CachedDecoderBlock` with T = 1 (tested against it and against full
+    re-forwarding); only the orientation of the matmuls differs. Attention and the cache are
+    shared with it (:func:`cached_attention`), the [H*Dh, B] <-> [B, H*Dh] transposes being tiny.
+    """
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    B = x_DxB.shape[1]
+    h = _rms_norm_DxB(x_DxB, fm["attn_norm"], cfg.rms_norm_eps, dt)
+    q = _rope_NxDhxB(_proj_FxB(fm, "q_proj", h, dt).reshape(H, Dh, B), cos_DhxB, sin_DhxB)
+    k = _rope_NxDhxB(_proj_FxB(fm, "k_proj", h, dt).reshape(K, Dh, B), cos_DhxB, sin_DhxB)
+    v = _proj_FxB(fm, "v_proj", h, dt).reshape(K, Dh, B)
+    zero, col = jnp.zeros((), jnp.int32), jnp.asarray(write_col, jnp.int32)
+    k_new = k.transpose(2, 0, 1).reshape(B * K, 1, Dh)
+    v_new = v.transpose(2, 0, 1).reshape(B * K, Dh, 1)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k_new.astype(cache_k.dtype), (zero, col, zero))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v_new.astype(cache_v.dtype), (zero, zero, col))
+    attn_Bx1xHDh = cached_attention(q.transpose(2, 0, 1)[:, None], cache_k.astype(dt), cache_v.astype(dt),
+                                    mask_Bx1xS, dt)
+    x_DxB = x_DxB + _proj_FxB(fm, "o_proj", attn_Bx1xHDh[:, 0].T, dt)
+    h = _rms_norm_DxB(x_DxB, fm["mlp_norm"], cfg.rms_norm_eps, dt)
+    act = nn.silu(_proj_FxB(fm, "gate_proj", h, dt)) * _proj_FxB(fm, "up_proj", h, dt)
+    return x_DxB + _proj_FxB(fm, "down_proj", act, dt), cache_k, cache_v
+
+
 # ----------------------------------------------------------------------------- logits
 def head_VxD(params: Params) -> jax.Array:
     """The output projection as [V, D]: the tied embedding itself, or the lm_head kernel transposed."""
@@ -133,13 +201,17 @@ def head_VxD(params: Params) -> jax.Array:
     return params["embed"]["embedding"]
 
 
-def logits_VxB(params: Params, cfg: ModelConfig, x_BxD: jax.Array, dtype: Any) -> jax.Array:
+def logits_VxB(params: Params, cfg: ModelConfig, x_BxD: jax.Array, dtype: Any, *, x_DxB: jax.Array | None = None
+               ) -> jax.Array:
     """Next-token logits [V, B] (float32) of the last hidden states x [B, D].
 
     Vocabulary-major on purpose: with a handful of rows, XLA:CPU runs ``[V,D] x [D,B]`` about twice
     as fast as ``[B,D] x [D,V]`` (10.8 against 24 ms for SmolLM2's 49152 x 576 head at B = 8), and
     greedy decoding takes its argmax over V without transposing.
     """
+    if x_DxB is not None:  # already feature-major (the decode step on CPU)
+        h_DxB = _rms_norm_DxB(x_DxB, params["norm"]["scale"][:, None], cfg.rms_norm_eps, dtype)
+        return jnp.dot(head_VxD(params).astype(dtype), h_DxB, preferred_element_type=jnp.float32)
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x_BxD)
     return jnp.einsum("vd,bd->vb", head_VxD(params).astype(dtype), x, preferred_element_type=jnp.float32)
 
@@ -246,13 +318,20 @@ def _decode_step(params, state, temperature, top_k, top_p, stop_ids, cfg, dtype,
     pos = jnp.maximum(prev - pad, 0)[:, None].astype(jnp.int32)
     cos, sin = rope_cos_sin(pos, cfg.rope_inv_freq(), dtype)
     mask = _decode_mask(prev, pad, S, cfg.sliding_window)
-    block = CachedDecoderBlock(cfg, dtype, kv_src="cache")
     x = embed(params, tok_B[:, None], dtype)
     new_cache = []
-    for layer, (ck, cv) in zip(params["layers"], state["cache"]):
-        x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, prev)
-        new_cache.append((ck, cv))
-    lg_VxB = logits_VxB(params, cfg, x[:, 0], dtype)
+    if "layers_FxD" in params:  # feature-major weights (Generator, on CPU): activations as [D, B] columns
+        x_DxB, cos_DhxB, sin_DhxB = x[:, 0].T, cos[:, 0].T, sin[:, 0].T
+        for fm, (ck, cv) in zip(params["layers_FxD"], state["cache"]):
+            x_DxB, ck, cv = feature_major_block(cfg, dtype, fm, x_DxB, cos_DhxB, sin_DhxB, mask, ck, cv, prev)
+            new_cache.append((ck, cv))
+        lg_VxB = logits_VxB(params, cfg, None, dtype, x_DxB=x_DxB)
+    else:
+        block = CachedDecoderBlock(cfg, dtype, kv_src="cache")
+        for layer, (ck, cv) in zip(params["layers"], state["cache"]):
+            x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, prev)
+            new_cache.append((ck, cv))
+        lg_VxB = logits_VxB(params, cfg, x[:, 0], dtype)
     key, sub = (state["key"], state["key"]) if greedy else jax.random.split(state["key"])
     nxt, logits = next_tokens(lg_VxB, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
     nxt = jnp.where(state["done"], 0, nxt)
@@ -325,12 +404,21 @@ class Generator:
     """
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Any = None, *, dtype: Any = "float32",
-                 prompt_bucket: int = 64, length_bucket: int = 128, max_batch: int = 64):
+                 prompt_bucket: int = 64, length_bucket: int = 128, max_batch: int = 64,
+                 feature_major: bool | None = None):
         self.cfg, self.tok = cfg, tokenizer
-        # decoding reads the output projection as [V, D] (see logits_VxB): an untied lm_head is
-        # transposed once here on CPU, not per token (accelerators read either layout at full speed)
-        on_cpu = jax.default_backend() == "cpu"
-        self.params = dict(params, head_VxD=head_VxD(params)) if on_cpu and "lm_head" in params else params
+        # On CPU the decode step runs feature-major (feature_major_block): a transposed copy of each
+        # layer's kernels and an untied lm_head, made once here. Accelerators read either layout at
+        # full speed, so there (feature_major=None -> False) decoding uses the parameters as they are.
+        if feature_major is None:
+            feature_major = jax.default_backend() == "cpu"
+        self.feature_major = bool(feature_major)
+        self.params = params
+        if self.feature_major:
+            extra = {"layers_FxD": feature_major_layers(params)}
+            if "lm_head" in params:
+                extra["head_VxD"] = jnp.asarray(head_VxD(params))
+            self.params = dict(params, **extra)
         self.dtype = as_dtype(dtype)
         self.prompt_bucket, self.length_bucket, self.max_batch = prompt_bucket, length_bucket, max_batch
         self._caches: dict[tuple[int, int], Any] = {}
@@ -370,6 +458,8 @@ class Generator:
     def buckets(self, batch: int, max_prompt: int, max_new_tokens: int) -> tuple[int, int, int]:
         B = min(_pow2(batch), _pow2(self.max_batch))
         T = _round_up(max_prompt, self.prompt_bucket)
+        if max_prompt <= self.prompt_bucket:  # short prompts: 16, 32, ... (a few more prefill compiles,
+            T = min(T, max(16, _pow2(max_prompt)))  # no 64-token prefill for a 15-token prompt)
         S = _round_up(T + max_new_tokens, self.length_bucket)
         limit = self.cfg.max_position_embeddings
         if max_prompt + max_new_tokens > limit:

@@ -32,14 +32,19 @@ def _reference_logits(params, cfg, prompt, new_tokens):
     return np.asarray(_fwd(params, jnp.asarray(seq), cfg))[0, len(prompt) - 1:seq.shape[1] - 1]
 
 
+@pytest.mark.parametrize("feature_major", [True, False], ids=["feature_major", "token_major"])
 @pytest.mark.parametrize("variant", ["llama2", "gqa_kv1", "mistral_sliding_window", "llama31_rope_llama3_untied",
                                      "rope_linear_biases", "explicit_head_dim"])
-def test_kv_cache_equals_reforward(variant, tmp_path):
-    """Batched, left-padded prompts of several lengths: same greedy tokens and logits (1e-4) as forward."""
+def test_kv_cache_equals_reforward(variant, feature_major, tmp_path):
+    """Batched, left-padded prompts of several lengths: same greedy tokens and logits (1e-4) as forward.
+
+    Both decode-step layouts: feature-major (the CPU default: transposed kernels, [D, B] activations)
+    and token-major (the flax block on the parameters as they are: the accelerator default)."""
     params, cfg = _load(variant, tmp_path)
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, 97, n)) for n in (1, 5, 11, 17)]  # 17 > mistral's window of 7
-    gen = Generator(params, cfg, prompt_bucket=16, length_bucket=32)
+    gen = Generator(params, cfg, prompt_bucket=16, length_bucket=32, feature_major=feature_major)
+    assert gen.feature_major == feature_major
     outs = gen.generate_ids(prompts, 14, stop_ids=(), return_logits=True)
     for p, o in zip(prompts, outs):
         assert len(o.tokens) == 14 and o.finish == "length"
