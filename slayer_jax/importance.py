@@ -423,7 +423,7 @@ def plot_profile(profile: dict[str, Any], out_dir: Path, title: str = "") -> lis
               ("Block Influence (1 - mean cos)", [("bi", "BI")], None)]
     for kind in SWEEPS:
         if has[f"{kind}_nll"]:
-            panels.append((f"{kind}: perplexity", [(f"{kind}_ppl", f"without layer l" if kind == "removal"
+            panels.append((f"{kind}: perplexity", [(f"{kind}_ppl", "without layer l" if kind == "removal"
                                                     else "copy after layer l")], ("ppl", "log")))
         if has[f"{kind}_acc"]:
             panels.append((f"{kind}: MCQ accuracy", [(f"{kind}_acc", "acc"), (f"{kind}_acc_norm", "acc_norm")],
@@ -548,7 +548,7 @@ def cmd_importance(a: argparse.Namespace) -> int:
     title = Path(str(a.model)).name if a.model != "default" else "SmolLM2-135M-Instruct"
     paths = write_outputs(profile, a.out, plan, reasoning, plots=not a.no_plots, title=title)
     b = profile["baseline"]
-    print(f"intact: " + ", ".join(f"{k} {v:.4g}" for k, v in b.items()))
+    print("intact: " + ", ".join(f"{k} {v:.4g}" for k, v in b.items()))
     print(format_table(profile))
     print(f"plan: expand after {list(plan.expand_after)}, prune {list(plan.prune)} ({metric})")
     for p in paths:
