@@ -21,8 +21,9 @@ Layout (shape suffixes as in :mod:`slayer_jax.model`; S is the cache length)::
   the cache stores nothing but k and v.
 - One compile per shape bucket: batch B (rounded up to a power of two), prompt length T (a power
   of two from 16 up to ``prompt_bucket``, then multiples of it) and cache length S
-  (``T + max_new_tokens`` rounded up to ``length_bucket``). Prompt lengths, ``max_new_tokens``, temperature, top-k, top-p, seeds and
-  stop tokens within a bucket are traced values, never new traces. :data:`TRACES` counts traces.
+  (``T + max_new_tokens`` rounded up to ``length_bucket``). Prompt lengths, ``max_new_tokens``,
+  temperature, top-k, top-p, seeds and stop tokens within a bucket are traced values, never new
+  traces. :data:`TRACES` counts traces.
 - The cache of a (B, S) bucket is allocated once per :class:`Generator` and reused: each call
   donates it to the prefill, which donates it to the decode loop, which hands it back.
 - On CPU the decode step is feature-major (:func:`feature_major_block`): the activations of the
@@ -54,7 +55,7 @@ import numpy as np
 
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import (Params, RMSNorm, as_dtype, attention_mask, block_epilogue, block_qkv,
+from slayer_jax.model import (Params, as_dtype, attention_mask, block_epilogue, block_qkv,
                               dot_product_attention, embed, forward, rope_cos_sin)
 
 # Traces of the jitted functions below (one per compile): tests and benchmarks read this.
@@ -129,8 +130,7 @@ def cache_bytes(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype:
 
 
 # ----------------------------------------------------------------------------- one block, feature-major
-_PROJ = (("q_proj", "attention_bias"), ("k_proj", "attention_bias"), ("v_proj", "attention_bias"),
-         ("o_proj", "attention_bias"), ("gate_proj", "mlp_bias"), ("up_proj", "mlp_bias"), ("down_proj", "mlp_bias"))
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def feature_major_layers(params: Params) -> list[dict]:
@@ -143,7 +143,7 @@ def feature_major_layers(params: Params) -> list[dict]:
     out = []
     for layer in params["layers"]:
         fm = {"attn_norm": layer["attn_norm"]["scale"][:, None], "mlp_norm": layer["mlp_norm"]["scale"][:, None]}
-        for name, _ in _PROJ:
+        for name in _PROJ:
             fm[name] = jnp.asarray(layer[name]["kernel"]).T
             if "bias" in layer[name]:
                 fm[name + "_bias"] = layer[name]["bias"][:, None]
@@ -173,7 +173,7 @@ def feature_major_block(cfg: ModelConfig, dt, fm: dict, x_DxB, cos_DhxB, sin_Dhx
                         write_col):
     """One decode token per row through one layer, activations kept as columns [D, B].
 
-    The same maths as :class:`CachedDecoderBlock` with T = 1 (tested against it and against full
+    The same maths as :class:`CachedDecoderBlock` with T = 1 (both are tested against full
     re-forwarding); only the orientation of the matmuls differs. Attention and the cache are
     shared with it (:func:`cached_attention`), the [H*Dh, B] <-> [B, H*Dh] transposes being tiny.
     """
@@ -206,19 +206,15 @@ def head_VxD(params: Params) -> jax.Array:
     return params["embed"]["embedding"]
 
 
-def logits_VxB(params: Params, cfg: ModelConfig, x_BxD: jax.Array, dtype: Any, *, x_DxB: jax.Array | None = None
-               ) -> jax.Array:
-    """Next-token logits [V, B] (float32) of the last hidden states x [B, D].
+def logits_VxB(params: Params, cfg: ModelConfig, x_DxB: jax.Array, dtype: Any) -> jax.Array:
+    """Next-token logits [V, B] (float32) of the last hidden states, given as columns x [D, B].
 
     Vocabulary-major on purpose: with a handful of rows, XLA:CPU runs ``[V,D] x [D,B]`` about twice
     as fast as ``[B,D] x [D,V]`` (10.8 against 24 ms for SmolLM2's 49152 x 576 head at B = 8), and
     greedy decoding takes its argmax over V without transposing.
     """
-    if x_DxB is not None:  # already feature-major (the decode step on CPU)
-        h_DxB = _rms_norm_DxB(x_DxB, params["norm"]["scale"][:, None], cfg.rms_norm_eps, dtype)
-        return jnp.dot(head_VxD(params).astype(dtype), h_DxB, preferred_element_type=jnp.float32)
-    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x_BxD)
-    return jnp.einsum("vd,bd->vb", head_VxD(params).astype(dtype), x, preferred_element_type=jnp.float32)
+    h_DxB = _rms_norm_DxB(x_DxB, params["norm"]["scale"][:, None], cfg.rms_norm_eps, dtype)
+    return jnp.dot(head_VxD(params).astype(dtype), h_DxB, preferred_element_type=jnp.float32)
 
 
 def next_tokens(lg_VxB, key, temperature, top_k, top_p, *, greedy: bool, filtered: bool):
@@ -300,7 +296,7 @@ def prefill(params: Params, tokens_BxT, pad_B, active_B, cache, key, temperature
     for layer, (ck, cv) in zip(params["layers"], cache):
         x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, 0)
         new_cache.append((ck, cv))
-    lg_VxB = logits_VxB(params, cfg, x[:, -1], dtype)
+    lg_VxB = logits_VxB(params, cfg, x[:, -1].T, dtype)
     key, sub = jax.random.split(key)
     tok, logits = next_tokens(lg_VxB, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
     done = ~active_B
@@ -330,13 +326,13 @@ def _decode_step(params, state, temperature, top_k, top_p, stop_ids, cfg, dtype,
         for fm, (ck, cv) in zip(params["layers_FxD"], state["cache"]):
             x_DxB, ck, cv = feature_major_block(cfg, dtype, fm, x_DxB, cos_DhxB, sin_DhxB, mask, ck, cv, prev)
             new_cache.append((ck, cv))
-        lg_VxB = logits_VxB(params, cfg, None, dtype, x_DxB=x_DxB)
+        lg_VxB = logits_VxB(params, cfg, x_DxB, dtype)
     else:
         block = CachedDecoderBlock(cfg, dtype, kv_src="cache")
         for layer, (ck, cv) in zip(params["layers"], state["cache"]):
             x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, prev)
             new_cache.append((ck, cv))
-        lg_VxB = logits_VxB(params, cfg, x[:, 0], dtype)
+        lg_VxB = logits_VxB(params, cfg, x[:, 0].T, dtype)
     key, sub = (state["key"], state["key"]) if greedy else jax.random.split(state["key"])
     nxt, logits = next_tokens(lg_VxB, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
     nxt = jnp.where(state["done"], 0, nxt)
