@@ -99,9 +99,9 @@ def load_plan_arg(a: argparse.Namespace, num_layers: int):
         if a.plan == "shallow":
             prune = [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else a.prune_mode
             return surgery.shallow(num_layers, a.expand, a.prune if not a.prune_layers else len(prune), prune=prune,
-                                   refresh_last=a.refresh_last, init=a.init or "average")
+                                   refresh_last=a.refresh_last, init=a.init or surgery.default_init("shallow"))
         if a.plan == "uniform":
-            return surgery.uniform(num_layers, a.expand, init=a.init or "copy")
+            return surgery.uniform(num_layers, a.expand, init=a.init or surgery.default_init("uniform"))
         path = Path(a.plan)
         if not path.exists():
             raise SlayerError(f"{path}: plan file not found; --plan takes shallow, uniform or a plan .json")
@@ -115,14 +115,6 @@ def load_plan_arg(a: argparse.Namespace, num_layers: int):
     if plan.num_layers != num_layers:
         raise SlayerError(f"{a.plan}: field 'num_layers' is {plan.num_layers}; the model has {num_layers} layers")
     return plan
-
-
-def format_layer_map(lmap) -> str:
-    rows = [f"{'new':>4}  {'kind':<10} {'from (original)':<16} trainable"]
-    for r in lmap:
-        src = " avg ".join(map(str, r["from"]))
-        rows.append(f"{r['index']:>4}  {r['kind']:<10} {src:<16} {'yes' if r['trainable'] else ''}")
-    return "\n".join(rows)
 
 
 def cmd_surgery(a: argparse.Namespace) -> int:
@@ -140,7 +132,7 @@ def cmd_surgery(a: argparse.Namespace) -> int:
         print(f"pruning original layers {list(plan.prune)} (pruning changes the model's function: measure it)")
     if plan.refresh:
         print(f"refreshing original layers {list(plan.refresh)} as the average with their successor")
-    print(format_layer_map(lmap))
+    print(surgery.format_layer_map(lmap))
     n_train = surgery.count_trainable(new_params, mask)
     from slayer_jax.model import count_params
 

@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.export_dir = ""  # HF export at the end ("" = none)
     c.seed = 0
     c.steps = 200
+    c.epochs = 0.0  # > 0: train this many epochs of packed rows instead of `steps`
     c.batch_size = 8  # global, in rows of seq_len tokens
     c.grad_accum = 1
     c.dtype = "float32"  # compute dtype; master weights of trainable params are always fp32
@@ -39,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.plan.prune_mode = "deepest"  # deepest | keep_last
     c.plan.prune_layers = ()  # explicit original indices, overrides prune/prune_mode
     c.plan.refresh_last = False
-    c.plan.init = "average"
+    c.plan.init = ""  # "" = the kind's own: shallow averages neighbours, uniform (LLaMA Pro) copies
     c.plan.file = ""
     c.plan.train_head = False
 
@@ -49,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mode = "text"  # text | sft
     c.data.field = ""
     c.data.seq_len = 512
+    c.data.separator = "auto"  # after each raw-text document: auto (end-of-text token) | eos | none | a token
+    c.data.packing_bins = 0  # rows the packer keeps open (0 = max(16, per-process batch))
     c.data.mixture = ""  # documentation of the paper-scale corpus mixture (see configs/)
 
     c.optim = ml_collections.ConfigDict()  # LLaMA Pro defaults
@@ -92,6 +95,8 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
 
     for key, ok, want in (
         ("steps", int(c.steps) > 0, "a positive integer"),
+        ("epochs", float(c.get("epochs", 0)) >= 0, "0 (use steps) or a positive number of epochs"),
+        ("data.packing_bins", int(c.data.get("packing_bins", 0)) >= 0, "0 (automatic) or a positive integer"),
         ("batch_size", int(c.batch_size) > 0, "a positive integer"),
         ("grad_accum", int(c.grad_accum) > 0 and int(c.batch_size) % int(c.grad_accum) == 0,
          "a positive divisor of batch_size"),

@@ -1,11 +1,13 @@
 """Data: load documents, tokenise, pack into fixed-length rows, SFT loss masks, a resumable grain loader.
 
-The pipeline ``make_dataset`` walks::
+The pipeline walks::
 
     source ──load_documents / load_chats──▶ texts or chats
-           ──tokenize_documents / sft_example──▶ token lists (+ SFT loss masks)
-           ──pack_documents──▶ {inputs, targets, positions, segment_ids, weights}: [N, T] numpy
-           ──make_loader──▶ grain iterator of [B, T] batches whose state resumes exactly
+           ──tokenize_documents / sft_example──▶ token lists (+ separator, + SFT loss masks)
+           ──Documents.from_token_lists──▶ pieces of <= T tokens          (make_dataset does these three)
+           ──make_loader──▶ every epoch: shuffle the documents, pack them (grain's best-fit packer),
+                            batch: a grain iterator of [B, T] rows whose state resumes exactly
+    (Documents.pack / pack_documents: the same packer once, in order, for evaluation)
 
 Packed rows (what ``model.forward`` and the loss read)
 ------------------------------------------------------
@@ -19,11 +21,16 @@ Packed rows (what ``model.forward`` and the loss read)
 
 Loss = sum(weights * CE(logits, targets)) / sum(weights).
 
-Packing rule: *best fit* in document order. Each document (with the optional BOS/EOS around it)
-goes whole into the open row with the least room that still fits it, or opens a new row.
-Documents longer than ``seq_len`` are split into ``seq_len`` chunks (each chunk its own segment,
-positions restart; the one next-token target across each cut is lost), dropped, or refused
-(``long_docs``). Every token of every kept document appears exactly once in ``inputs``.
+Packing rule: grain's *best fit* (``grain.experimental.BestFitPackIterDataset``): each document
+(with its BOS / separator) goes whole into the open row with the least room that still fits it;
+when none of the ``packing_bins`` open rows fits it, the open rows are emitted (in shuffled order
+when training) and new ones start. Documents longer than ``seq_len`` are split into ``seq_len``
+chunks (each chunk its own segment, positions restart; the one next-token target across each cut
+is lost), dropped, or refused (``long_docs``). Every token of every kept document appears exactly
+once per epoch in ``inputs``.
+
+The separator after each raw-text document is the tokenizer's end-of-text token (``separator="auto"``),
+never a chat end-of-turn token; SFT rows keep the chat template's own tokens.
 """
 
 from __future__ import annotations
@@ -414,6 +421,12 @@ def sft_example(tokenizer, messages: Sequence[dict]) -> tuple[np.ndarray, np.nda
 
 
 # ============================================================================ tokenise
+# End-of-text tokens of the Llama-family tokenizers, in the order they are looked for: SmolLM/GPT-2/Qwen,
+# Llama 3, Llama 1/2 and Mistral, Gemma, DeepSeek.
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<｜end▁of▁sentence｜>")
+SEPARATORS = ("auto", "eos", "none")
+
+
 def _bos_by_default(tokenizer) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -426,31 +439,77 @@ def _token_id(tokenizer, tok: int | str, what: str) -> int:
     if isinstance(tok, (int, np.integer)):
         return int(tok)
     tid = tokenizer.convert_tokens_to_ids(tok)
-    if tid is None or tid == getattr(tokenizer, "unk_token_id", None) or tokenizer.convert_ids_to_tokens(tid) != tok:
+    if tid is None or tid == getattr(tokenizer, "unk_token_id", None) and tok != tokenizer.unk_token \
+            or tokenizer.convert_ids_to_tokens(tid) != tok:
         raise SlayerError(f"{what}: token {tok!r} is not in the tokenizer's vocabulary")
     return int(tid)
 
 
-def tokenize_documents(tokenizer, docs: Sequence[str], *, add_bos: bool | None = None, add_eos: bool = True,
-                       eos: int | str | None = None, batch_size: int = 1024,
-                       progress: bool = False) -> list[np.ndarray]:
-    """int32 token arrays, one per document: ``[bos] + tokens(doc) + [eos]``.
+def ends_chat_turns(tokenizer, token: str) -> bool:
+    """Whether the chat template writes ``token`` after a user turn (ChatML's ``<|im_end|>``,
+    Llama 3's ``<|eot_id|>``): an end-of-turn token, not an end of text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a lone user turn tells nothing
+        return False
+    return token in text
 
-    The text is tokenised with ``add_special_tokens=False``; BOS and EOS are added here, once.
-    ``add_bos=None`` follows the tokenizer (BOS when ``tokenizer("a")`` starts with it, as Llama's
-    does). ``eos`` overrides the tokenizer's EOS (an id or a token string, e.g. ``"<|endoftext|>"``
-    for SmolLM2-Instruct, whose EOS is the chat end-of-turn ``<|im_end|>``). Pass the result to
-    :func:`pack_documents` without ``bos_id``/``eos_id``.
+
+def end_of_text_id(tokenizer) -> int:
+    """The token that ends a raw-text document: the tokenizer's EOS when it is an end-of-text
+    token (Llama 2 ``</s>``, Llama 3 base ``<|end_of_text|>``), else the first special token of
+    :data:`END_OF_TEXT_TOKENS` it has (SmolLM2-Instruct: ``<|endoftext|>``, not its EOS
+    ``<|im_end|>``), else its EOS when the chat template does not end turns with it."""
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos in END_OF_TEXT_TOKENS:
+        return int(tokenizer.eos_token_id)
+    special = set(getattr(tokenizer, "all_special_tokens", ())) | set(tokenizer.get_added_vocab())
+    for t in END_OF_TEXT_TOKENS:
+        if t in special:
+            return _token_id(tokenizer, t, "data.separator")
+    if eos is not None and not ends_chat_turns(tokenizer, eos):
+        return int(tokenizer.eos_token_id)
+    raise SlayerError(f"tokenizer: field 'eos_token' is {eos!r}, which ends chat turns, and none of "
+                      f"{list(END_OF_TEXT_TOKENS)} is a special token; expected data.separator=<token> or 'none'")
+
+
+def separator_id(tokenizer, separator: str | int | None = "auto") -> int | None:
+    """The id put after every raw-text document: ``"auto"`` = :func:`end_of_text_id`; ``"eos"`` = the
+    tokenizer's EOS whatever it is; ``"none"`` (or None) = nothing; a token string or id = that token."""
+    if separator is None or separator == "none":
+        return None
+    if separator == "auto":
+        return end_of_text_id(tokenizer)
+    if separator == "eos":
+        if tokenizer.eos_token_id is None:
+            raise SlayerError("tokenizer: no eos_token; expected one for data.separator='eos'")
+        return int(tokenizer.eos_token_id)
+    if isinstance(separator, str) and not separator:
+        raise SlayerError(f"data.separator: ''; expected one of {list(SEPARATORS)} or a token")
+    return _token_id(tokenizer, separator, "data.separator")
+
+
+def tokenize_documents(tokenizer, docs: Sequence[str], *, add_bos: bool | None = None,
+                       separator: str | int | None = "auto", batch_size: int = 1024,
+                       progress: bool = False) -> list[np.ndarray]:
+    """int32 token arrays, one per document: ``[bos] + tokens(doc) + [separator]``.
+
+    The text is tokenised with ``add_special_tokens=False``; BOS and the separator are added here,
+    once. ``add_bos=None`` follows the tokenizer (BOS when ``tokenizer("a")`` starts with it, as
+    Llama's does). ``separator`` is resolved by :func:`separator_id`: by default the end-of-text
+    token, never a chat end-of-turn token (SmolLM2-Instruct's EOS ``<|im_end|>`` would teach the
+    model to end ordinary prose with it). Pass the result to :meth:`Documents.from_token_lists`
+    without ``bos_id``/``eos_id``.
     """
     if add_bos is None:
         add_bos = _bos_by_default(tokenizer)
     if add_bos and tokenizer.bos_token_id is None:
         raise SlayerError("tokenizer: no bos_token; expected one for add_bos=True")
-    eos_id = tokenizer.eos_token_id if eos is None else _token_id(tokenizer, eos, "eos")
-    if add_eos and eos_id is None:
-        raise SlayerError("tokenizer: no eos_token; expected one for add_eos=True (or pass eos=)")
+    sep = separator_id(tokenizer, separator)
     bos = [tokenizer.bos_token_id] if add_bos else []
-    eos = [eos_id] if add_eos else []
+    eos = [] if sep is None else [sep]
     out = []
     starts = range(0, len(docs), batch_size)
     if progress:
@@ -472,7 +531,10 @@ def tokenize_documents(tokenizer, docs: Sequence[str], *, add_bos: bool | None =
 # ============================================================================ pack
 @dataclasses.dataclass
 class PackStats:
-    """What packing did. ``tokens`` counts kept tokens (BOS/EOS included); all are in ``inputs`` once."""
+    """What packing did. ``tokens`` counts kept tokens (BOS/EOS included); all are in ``inputs`` once.
+
+    ``rows`` / ``padding`` / ``fill`` describe one packing of the whole corpus (one epoch; a
+    reshuffled epoch packs within a row or two of it)."""
 
     seq_len: int = 0
     documents: int = 0          # non-empty token lists received
@@ -546,131 +608,156 @@ def _segments(token_lists, loss_masks, seq_len, bos_id, eos_id, long_docs, stats
             yield toks[s: s + seq_len], None if mask is None else mask[s: s + seq_len]
 
 
+def packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row of :data:`ARRAY_KEYS` from a row of grain's packer (``inputs``, ``mask`` and their
+    ``_segment_ids`` / ``_positions``): next-token targets inside each segment, and the loss weight
+    of position i = the mask of token i+1 (the token it predicts)."""
+    tok = np.asarray(packed["inputs"], np.int32)
+    seg = np.asarray(packed["inputs_segment_ids"], np.int32)
+    same = np.zeros(tok.shape, bool)
+    same[:-1] = (seg[:-1] == seg[1:]) & (seg[:-1] > 0)
+    targets = np.zeros_like(tok)
+    targets[:-1] = tok[1:]
+    weights = np.zeros(tok.shape, np.float32)
+    weights[:-1] = packed["mask"][1:]
+    return {"inputs": tok, "targets": np.where(same, targets, 0), "positions": np.asarray(packed["inputs_positions"],
+            np.int32), "segment_ids": seg, "weights": np.where(same, weights, 0).astype(np.float32)}
+
+
+@dataclasses.dataclass(eq=False)
+class Documents:
+    """A tokenised corpus ready to pack: pieces of at most ``seq_len`` tokens (separators added,
+    long documents split or dropped) and, for SFT, their loss masks.
+
+    Packing happens in the loader, after the documents are shuffled, so every epoch packs a new
+    order into new rows (:func:`make_loader`); :meth:`pack` packs them once, in order (evaluation).
+    """
+
+    pieces: list[np.ndarray]
+    masks: list[np.ndarray | None] | None
+    seq_len: int
+    stats: PackStats
+
+    @classmethod
+    def from_token_lists(cls, token_lists: Sequence[Sequence[int]], seq_len: int, *, bos_id: int | None = None,
+                         eos_id: int | None = None, long_docs: str = "split",
+                         loss_masks: Sequence[Sequence[int]] | None = None) -> "Documents":
+        """``bos_id`` / ``eos_id``, when given, go around every document (leave them None if
+        :func:`tokenize_documents` added them). ``long_docs`` for documents longer than ``seq_len``
+        (after BOS/EOS): ``"split"`` into consecutive ``seq_len`` chunks, each a separate segment
+        with positions from 0; ``"drop"``; ``"error"`` (SlayerError). Zero-length lists are skipped.
+        ``loss_masks`` (SFT): per document, 1 on tokens to learn; an added BOS gets 0, an added EOS 1."""
+        if int(seq_len) < 1:
+            raise SlayerError(f"seq_len: {seq_len}; expected a positive integer")
+        if long_docs not in LONG_DOCS:
+            raise SlayerError(f"long_docs: {long_docs!r}; expected one of {list(LONG_DOCS)}")
+        if loss_masks is not None and len(loss_masks) != len(token_lists):
+            raise SlayerError(f"loss_masks: {len(loss_masks)} masks for {len(token_lists)} documents; "
+                              f"expected one each")
+        stats = PackStats(seq_len=int(seq_len))
+        pieces, masks = [], []
+        for toks, mask in _segments(token_lists, loss_masks, int(seq_len), bos_id, eos_id, long_docs, stats):
+            pieces.append(toks)
+            masks.append(mask)
+        stats.tokens = int(sum(p.size for p in pieces))
+        stats.loss_tokens = int(sum(p.size - 1 if m is None else int(m[1:].sum()) for p, m in zip(pieces, masks)))
+        return cls(pieces, None if loss_masks is None else masks, int(seq_len), stats)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def __repr__(self) -> str:  # grain names pipeline stages by repr; never print every piece
+        return f"Documents({len(self)} pieces, seq_len={self.seq_len}, sft={self.masks is not None})"
+
+    def element(self, i: int) -> dict[str, np.ndarray]:
+        """Piece ``i`` as grain's packer reads it: ``inputs`` and its loss ``mask`` (all ones for text)."""
+        toks = self.pieces[int(i)]
+        mask = None if self.masks is None else self.masks[int(i)]
+        return {"inputs": toks, "mask": np.ones(toks.size, np.int8) if mask is None else mask}
+
+    def fingerprint(self, max_pieces: int = 4096) -> str:
+        """A short hash of the pieces (stored in the loader state, checked on restore): every length,
+        and the tokens and masks of up to ``max_pieces`` evenly spaced pieces."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.seq_len}/{len(self)}/{self.masks is not None}".encode())
+        h.update(np.fromiter((p.size for p in self.pieces), np.int64, len(self)).tobytes())
+        idx = range(len(self)) if len(self) <= max_pieces else np.linspace(0, len(self) - 1, max_pieces).astype(int)
+        for i in idx:
+            e = self.element(i)
+            h.update(e["inputs"].tobytes())
+            h.update(e["mask"].tobytes())
+        return h.hexdigest()[:16]
+
+    def pack(self, *, packing_bins: int = 64) -> dict[str, np.ndarray]:
+        """All pieces packed once, in order, no shuffling: ``{key: [rows, seq_len]}``. Fills in ``stats.rows``."""
+        if not len(self):
+            raise SlayerError("documents: nothing to pack; expected at least one non-empty document")
+        rows = list(_packed_rows(self, order=grain_range(len(self)), seed=0, shuffle_bins=False,
+                                 packing_bins=packing_bins))
+        arrays = {k: np.stack([r[k] for r in rows]) for k in ARRAY_KEYS}
+        self.stats.rows = len(rows)
+        self.stats.padding = len(rows) * self.seq_len - self.stats.tokens
+        return arrays
+
+    def count_rows(self, *, seed: int = 0, shuffle: bool = True, packing_bins: int = 64, shard_index: int = 0,
+                   shard_count: int = 1) -> int:
+        """Rows one epoch of :func:`make_loader` yields on this shard (epoch 0 exactly; later epochs
+        pack a different order into about as many). Fills in ``stats.rows`` / ``padding`` on shard 0."""
+        order = _shard_order(len(self), seed, shuffle, shard_index, shard_count, epochs=1)
+        n = sum(1 for _ in _packed_rows(self, order=order, seed=seed, shuffle_bins=shuffle,
+                                        packing_bins=packing_bins))
+        if shard_count == 1:
+            self.stats.rows = n
+            self.stats.padding = n * self.seq_len - self.stats.tokens
+        return n
+
+
+def grain_range(n: int):
+    import grain
+
+    return grain.MapDataset.range(int(n))
+
+
+def _shard_order(n: int, seed: int, shuffle: bool, shard_index: int, shard_count: int, epochs: int | None):
+    """Piece indices this shard reads: a disjoint, strided share (every shard as many), shuffled
+    with a seed mixed from ``seed`` and reshuffled every epoch (grain: seed + epoch)."""
+    per_shard = n // shard_count
+    if per_shard == 0:
+        raise SlayerError(f"documents: {n} pieces for {shard_count} shards; expected at least one per shard")
+    ds = grain_range(per_shard * shard_count)[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed=_grain_seed(seed))
+    return ds.repeat(epochs)
+
+
+def _packed_rows(docs: Documents, *, order, seed: int, shuffle_bins: bool, packing_bins: int):
+    """grain pipeline: piece indices -> pieces -> grain's best-fit packer -> rows of ARRAY_KEYS."""
+    import grain
+
+    T = docs.seq_len
+    packed = grain.experimental.BestFitPackIterDataset(
+        order.map(docs.element).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+        length_struct={"inputs": T, "mask": T},
+        num_packing_bins=int(packing_bins), seed=_grain_seed(seed), shuffle_bins=shuffle_bins)
+    return packed.map(packed_row)
+
+
 def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *, bos_id: int | None = None,
                    eos_id: int | None = None, long_docs: str = "split",
                    loss_masks: Sequence[Sequence[int]] | None = None) -> tuple[dict[str, np.ndarray], PackStats]:
-    """Pack whole documents into rows of ``seq_len``; returns ``(arrays, PackStats)``.
+    """Pack whole documents, in order, into rows of ``seq_len``; returns ``(arrays, PackStats)``.
 
-    ``arrays`` has the keys of :data:`ARRAY_KEYS`, each ``[N, seq_len]`` (see the module docstring).
-    ``bos_id`` / ``eos_id``, when given, are put around every document before packing (leave them
-    None if :func:`tokenize_documents` already added them). Rows are filled *best fit* in document
-    order: a document goes into the open row with the least remaining room that fits it, else a new
-    row; within a row documents keep their placement order and get segment ids 1, 2, ....
-
-    ``long_docs`` for documents longer than ``seq_len`` (after BOS/EOS): ``"split"`` into
-    consecutive ``seq_len`` chunks, each a separate segment with positions from 0 (the last, shorter
-    chunk is packed like any document); ``"drop"``; ``"error"`` (SlayerError). Zero-length lists
-    are skipped. All are counted in the stats.
-
-    ``loss_masks`` (SFT): per document, 1 on tokens to learn. The weight of position i is the mask of
-    token i+1 (the token it predicts); an added BOS has mask 0 and an added EOS mask 1.
+    :meth:`Documents.from_token_lists` (BOS/EOS, long documents, loss masks) then
+    :meth:`Documents.pack` (grain's best-fit packer, no shuffling). ``arrays`` has the keys of
+    :data:`ARRAY_KEYS`, each ``[N, seq_len]`` (see the module docstring).
     """
-    if int(seq_len) < 1:
-        raise SlayerError(f"seq_len: {seq_len}; expected a positive integer")
-    if long_docs not in LONG_DOCS:
-        raise SlayerError(f"long_docs: {long_docs!r}; expected one of {list(LONG_DOCS)}")
-    if loss_masks is not None and len(loss_masks) != len(token_lists):
-        raise SlayerError(f"loss_masks: {len(loss_masks)} masks for {len(token_lists)} documents; expected one each")
-    T = int(seq_len)
-    stats = PackStats(seq_len=T)
-    toks_l: list[np.ndarray] = []
-    masks_l: list[np.ndarray | None] = []
-    rows_l: list[int] = []          # per piece: row, start column, segment id
-    cols_l: list[int] = []
-    segs_l: list[int] = []
-    row_fill: list[int] = []
-    row_segs: list[int] = []
-    # open rows by remaining room: open_by_room[c] = stack of rows with room c; has_room[c] = its size
-    open_by_room: list[list[int]] = [[] for _ in range(T + 1)]
-    has_room = np.zeros(T + 1, np.int64)
-    for toks, mask in _segments(token_lists, loss_masks, T, bos_id, eos_id, long_docs, stats):
-        n = toks.size
-        hit = np.flatnonzero(has_room[n:])
-        if hit.size:
-            room = n + int(hit[0])
-            row = open_by_room[room].pop()
-            has_room[room] -= 1
-        else:
-            row, room = len(row_fill), T
-            row_fill.append(0)
-            row_segs.append(0)
-        rows_l.append(row)
-        cols_l.append(row_fill[row])
-        row_segs[row] += 1
-        segs_l.append(row_segs[row])
-        toks_l.append(toks)
-        masks_l.append(mask)
-        row_fill[row] += n
-        room -= n
-        if room > 0:
-            open_by_room[room].append(row)
-            has_room[room] += 1
-    N = len(row_fill)
-    arrays = {k: np.zeros((N, T), np.float32 if k == "weights" else np.int32) for k in ARRAY_KEYS}
-    # Pieces in (row, column) order form each row's tokens back to back, padding only at row ends,
-    # so blocks of rows are filled with one boolean-mask assignment per key.
-    order = np.lexsort((np.asarray(cols_l, np.int64), np.asarray(rows_l, np.int64)))
-    lengths_all = np.fromiter((t.size for t in toks_l), np.int64, len(toks_l))
-    lengths = lengths_all[order]
-    segs = np.asarray(segs_l, np.int32)[order]
-    piece_rows = np.asarray(rows_l, np.int64)[order]
-    fill = np.asarray(row_fill, np.int64)
-    block = max(1, (1 << 24) // T)
-    p0 = 0
-    for r0 in range(0, N, block):
-        r1 = min(N, r0 + block)
-        p1 = int(np.searchsorted(piece_rows, r1))
-        idx = order[p0:p1]
-        L = lengths[p0:p1]
-        total = int(L.sum())
-        first = np.cumsum(L) - L
-        pos = np.arange(total, dtype=np.int32) - np.repeat(first.astype(np.int32), L)
-        tok = np.concatenate([toks_l[k] for k in idx])
-        last = np.zeros(total, bool)
-        last[first + L - 1] = True                       # each piece's last token predicts nothing
-        tgt = np.empty(total, np.int32)
-        tgt[:-1] = tok[1:]
-        tgt[last] = 0
-        w = np.zeros(total, np.float32)
-        if all(masks_l[k] is None for k in idx):
-            w[:] = 1.0
-        else:
-            m = np.concatenate([np.ones(toks_l[k].size, np.int8) if masks_l[k] is None else masks_l[k] for k in idx])
-            w[:-1] = m[1:]
-        w[last] = 0.0
-        valid = np.arange(T)[None, :] < fill[r0:r1, None]
-        for key, val in (("inputs", tok), ("targets", tgt), ("positions", pos),
-                         ("segment_ids", np.repeat(segs[p0:p1], L)), ("weights", w)):
-            arrays[key][r0:r1][valid] = val
-        p0 = p1
-    stats.rows = N
-    stats.tokens = int(lengths_all.sum())
-    stats.padding = N * T - stats.tokens
-    stats.loss_tokens = int(arrays["weights"].sum(dtype=np.float64))
-    return arrays, stats
+    docs = Documents.from_token_lists(token_lists, seq_len, bos_id=bos_id, eos_id=eos_id, long_docs=long_docs,
+                                      loss_masks=loss_masks)
+    return docs.pack(), docs.stats
 
 
 # ============================================================================ loader
-def _num_rows(arrays: dict[str, np.ndarray]) -> int:
-    missing = [k for k in ARRAY_KEYS if k not in arrays]
-    if missing:
-        raise SlayerError(f"packed arrays: no key '{missing[0]}'; expected keys {list(ARRAY_KEYS)}")
-    shapes = {k: np.shape(arrays[k]) for k in arrays}
-    first = shapes[ARRAY_KEYS[0]]
-    for k, s in shapes.items():
-        if len(s) != 2 or s != first:
-            raise SlayerError(f"packed arrays: '{k}' has shape {s}; expected {first} like '{ARRAY_KEYS[0]}'")
-    return first[0]
-
-
-def _gather(arrays: dict[str, np.ndarray]):
-    def fn(idx: np.ndarray) -> dict[str, np.ndarray]:
-        idx = np.asarray(idx)
-        return {k: v[idx] for k, v in arrays.items()}
-
-    return fn
-
-
 @functools.lru_cache(maxsize=None)
 def _make_checked_dataset():
     """An IterDataset that adds the loader config to the state and checks it on restore."""
@@ -709,56 +796,48 @@ def _make_checked_dataset():
     return _CheckedIterDataset
 
 
-def fingerprint(arrays: dict[str, np.ndarray], max_rows: int = 4096) -> str:
-    """A short hash of packed arrays (stored in the loader state, checked on restore).
-
-    Hashes every key's shape and dtype and the contents of up to ``max_rows`` evenly spaced rows,
-    so it stays cheap on big corpora and still tells a different corpus or packing apart.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        a = np.asarray(arrays[k])
-        h.update(f"{k}{a.shape}{a.dtype}".encode())
-        rows = a if a.shape[0] <= max_rows else a[np.linspace(0, a.shape[0] - 1, max_rows).astype(np.int64)]
-        h.update(np.ascontiguousarray(rows).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _grain_seed(seed: int) -> int:
     """A 32-bit shuffle seed mixed from ``seed``. grain reshuffles epoch e with seed + e, so mixing keeps
     seed s's second epoch from being seed s+1's first."""
     return int(np.random.SeedSequence(int(seed)).generate_state(1, np.uint32)[0])
 
 
-def make_loader(packed_arrays: dict[str, np.ndarray], *, batch_size: int, seed: int, shuffle: bool = True,
+def default_packing_bins(batch_size: int) -> int:
+    """Rows the packer keeps open at once: at least a batch, at least 16 (fuller rows)."""
+    return max(16, int(batch_size))
+
+
+def make_loader(docs: Documents, *, batch_size: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
-                prefetch: int = 4, num_threads: int = 1):
-    """A resumable iterator of batches ``{key: [batch_size, seq_len]}`` over this process's rows.
+                packing_bins: int | None = None, prefetch: int = 0):
+    """A resumable iterator of packed batches ``{key: [batch_size, seq_len]}`` over this process's documents.
 
-    Built on grain's dataset API (``grain.MapDataset`` -> ``.to_iter_dataset()``), whose iterators
-    checkpoint exactly::
+    Shuffle, then pack, every epoch: a grain pipeline whose iterator checkpoints exactly::
 
-        MapDataset.range(rows)            # row indices, truncated so every shard gets as many rows
-          [shard_index::shard_count]      # this host's rows: disjoint, strided
-          .shuffle(mix(seed))             # a seeded permutation (skipped if shuffle=False)
-          .repeat(num_epochs)             # None = forever; reshuffled each epoch (mix(seed) + epoch)
+        MapDataset.range(pieces)          # piece indices, truncated so every shard gets as many
+          [shard_index::shard_count]      # this host's documents: disjoint, strided
+          .shuffle(mix(seed))             # a seeded permutation of the documents (skipped if shuffle=False)
+          .repeat(num_epochs)             # None = forever; a new permutation each epoch (mix(seed) + epoch)
+          .map(piece)                     # {"inputs", "mask"}
+          -> grain.experimental.BestFitPackIterDataset(packing_bins open rows, rows emitted in shuffled order)
+          .map(packed_row)                # targets, positions, segment ids, loss weights
           .batch(batch_size, drop_remainder=True)   # batches run across epoch boundaries
-          .map(gather rows)               # one numpy fancy-index per key
-          .to_iter_dataset(ReadOptions(num_threads, prefetch_buffer_size=prefetch))
 
-    ``batch_size`` is the per-process batch (global batch = batch_size * shard_count). Shards
-    default to ``jax.process_index()`` / ``jax.process_count()``. Every element is a function of its
-    index alone, so the state is just the grain iterator's position (``{"next_index": k}``) plus
-    the loader settings and a content fingerprint of the arrays, which :func:`set_state` checks.
+    So documents that sit next to each other in the file land in unrelated rows, and in other rows
+    every epoch. ``batch_size`` is the per-process batch (global = batch_size * shard_count).
+    Shards default to ``jax.process_index()`` / ``jax.process_count()``. The state is grain's
+    (the packer restores by replaying from the start of its current window) plus the loader
+    settings and a fingerprint of the documents, which :func:`set_state` checks.
 
     The returned object is a ``grain.DatasetIterator``: :func:`get_state` / :func:`set_state`
     (JSON-serialisable dicts) work on it, and so do orbax's ``grain.checkpoint.CheckpointSave`` /
-    ``CheckpointRestore`` (and the orbax v1 ``save``/``load`` methods).
+    ``CheckpointRestore``.
     """
     import grain
 
+    if not isinstance(docs, Documents):
+        raise SlayerError(f"make_loader: got {type(docs).__name__}; expected slayer_jax.data.Documents "
+                          f"(from make_dataset or Documents.from_token_lists)")
     if shard_index is None or shard_count is None:
         import jax
 
@@ -774,25 +853,19 @@ def make_loader(packed_arrays: dict[str, np.ndarray], *, batch_size: int, seed: 
         num_epochs = int(num_epochs)
         if num_epochs < 1:
             raise SlayerError(f"num_epochs: {num_epochs}; expected a positive integer or None (forever)")
-    arrays = {k: np.asarray(v) for k, v in packed_arrays.items()}
-    N = _num_rows(arrays)
-    per_shard = N // shard_count
-    if per_shard == 0:
-        raise SlayerError(f"packed arrays: {N} rows for {shard_count} shards; expected at least one row per shard")
-    if num_epochs is not None and per_shard * num_epochs < batch_size:
-        raise SlayerError(f"packed arrays: {per_shard} rows per shard x {num_epochs} epochs is less than "
-                          f"batch_size {batch_size}; expected at least one full batch")
-    ds = grain.MapDataset.range(per_shard * shard_count)[shard_index::shard_count]
-    if shuffle:
-        ds = ds.shuffle(seed=_grain_seed(seed))
-    ds = ds.repeat(num_epochs)
-    ds = ds.batch(int(batch_size), drop_remainder=True).map(_gather(arrays))
-    read = grain.ReadOptions(num_threads=int(num_threads) if prefetch > 0 else 0, prefetch_buffer_size=int(prefetch))
-    config = {"rows": int(N), "seq_len": int(arrays["inputs"].shape[1]), "batch_size": int(batch_size),
-              "seed": int(seed), "shuffle": bool(shuffle), "num_epochs": num_epochs,
+    bins = default_packing_bins(batch_size) if packing_bins is None else int(packing_bins)
+    if bins < 1:
+        raise SlayerError(f"packing_bins: {bins}; expected a positive integer")
+    order = _shard_order(len(docs), seed, shuffle, shard_index, shard_count, num_epochs)
+    ds = _packed_rows(docs, order=order, seed=seed, shuffle_bins=shuffle, packing_bins=bins)
+    ds = ds.batch(int(batch_size), drop_remainder=True)
+    if prefetch > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(prefetch))
+    config = {"documents": len(docs), "seq_len": docs.seq_len, "batch_size": int(batch_size),
+              "seed": int(seed), "shuffle": bool(shuffle), "num_epochs": num_epochs, "packing_bins": bins,
               "shard_index": int(shard_index), "shard_count": int(shard_count),
-              "fingerprint": fingerprint(arrays)}
-    return iter(_make_checked_dataset()(ds.to_iter_dataset(read), config))
+              "fingerprint": docs.fingerprint()}
+    return iter(_make_checked_dataset()(ds, config))
 
 
 def get_state(it) -> dict:
@@ -816,27 +889,28 @@ def state_to_bytes(it) -> bytes:
 
 # ============================================================================ all together
 def make_dataset(source: str | os.PathLike, tokenizer, seq_len: int, *, mode: str = "text", field: str | None = None,
-                 split: str = "train", add_bos: bool | None = None, add_eos: bool = True,
-                 eos: int | str | None = None, long_docs: str | None = None,
-                 progress: bool = False) -> tuple[dict[str, np.ndarray], PackStats]:
-    """Load, tokenise and pack ``source``; returns ``(arrays, PackStats)`` ready for :func:`make_loader`.
+                 split: str = "train", add_bos: bool | None = None, separator: str | int | None = "auto",
+                 long_docs: str | None = None, progress: bool = False) -> Documents:
+    """Load and tokenise ``source`` into :class:`Documents` (``.stats`` says what was kept), ready
+    for :func:`make_loader` (training: shuffled and packed anew every epoch) or ``.pack()``.
 
     ``mode="text"``: :func:`load_documents` (``field`` default ``"text"``), :func:`tokenize_documents`
-    (BOS per ``add_bos``, EOS per ``add_eos`` / ``eos``), :func:`pack_documents` (``long_docs`` default
-    ``"split"``); every next token in a document counts in the loss.
+    (BOS per ``add_bos``, then ``separator`` after every document: by default the end-of-text
+    token, see :func:`separator_id`), long documents per ``long_docs`` (default ``"split"``); every
+    next token in a document counts in the loss.
 
     ``mode="sft"``: :func:`load_chats` (``field`` default ``"messages"``), :func:`sft_example` with the
-    tokenizer's chat template (no extra BOS/EOS: the template has its own), packed with the masks
-    folded into ``weights`` (``long_docs`` default ``"drop"``: a cut conversation would train
+    tokenizer's chat template (no extra BOS or separator: the template has its own tokens), loss
+    masks on the assistant tokens (``long_docs`` default ``"drop"``: a cut conversation would train
     answers without their question). Conversations without an assistant token are skipped and
     counted in ``stats.no_loss``.
     """
     if mode == "text":
         docs = load_documents(source, field=field or "text", split=split)
-        toks = tokenize_documents(tokenizer, docs, add_bos=add_bos, add_eos=add_eos, eos=eos, progress=progress)
-        arrays, stats = pack_documents(toks, seq_len, long_docs=long_docs or "split")
-        stats.empty += docs.num_empty
-        return arrays, stats
+        toks = tokenize_documents(tokenizer, docs, add_bos=add_bos, separator=separator, progress=progress)
+        out = Documents.from_token_lists(toks, seq_len, long_docs=long_docs or "split")
+        out.stats.empty += docs.num_empty
+        return out
     if mode == "sft":
         chats = load_chats(source, field=field or "messages", split=split)
         toks, masks, no_loss = [], [], 0
@@ -857,14 +931,15 @@ def make_dataset(source: str | os.PathLike, tokenizer, seq_len: int, *, mode: st
             masks.append(m)
         if not toks:
             raise SlayerError(f"{source}: no conversation has an assistant message; expected some for SFT")
-        arrays, stats = pack_documents(toks, seq_len, long_docs=long_docs or "drop", loss_masks=masks)
-        stats.no_loss = no_loss
-        return arrays, stats
+        out = Documents.from_token_lists(toks, seq_len, long_docs=long_docs or "drop", loss_masks=masks)
+        out.stats.no_loss = no_loss
+        return out
     raise SlayerError(f"mode: {mode!r}; expected 'text' or 'sft'")
 
 
 __all__ = [
     "ARRAY_KEYS", "DocumentList", "PackStats", "load_documents", "split_txt", "load_chat_jsonl", "load_chats",
-    "check_messages", "assistant_char_spans", "sft_example", "tokenize_documents", "pack_documents",
-    "make_loader", "get_state", "set_state", "state_to_bytes", "fingerprint", "make_dataset",
+    "check_messages", "assistant_char_spans", "sft_example", "tokenize_documents", "separator_id", "end_of_text_id",
+    "Documents", "pack_documents", "packed_row", "make_loader", "get_state", "set_state", "state_to_bytes",
+    "make_dataset",
 ]

@@ -344,7 +344,7 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
     _log(why)
     print(why)
     lmap = surgery.layer_map(plan)
-    from slayer_jax.cli import format_layer_map
+    from slayer_jax.surgery import format_layer_map
 
     print(format_layer_map(lmap))
     with timer("evaluate base"):

@@ -29,6 +29,14 @@ import jax.numpy as jnp
 from slayer_jax.model import Params
 
 INITS = ("average", "copy")
+# A new block's init when none is given follows the plan's kind: the S strategy (shallow) averages
+# the two neighbouring layers; LLaMA Pro (uniform) copies the layer it follows.
+DEFAULT_INIT = {"shallow": "average", "uniform": "copy"}
+
+
+def default_init(kind: str) -> str:
+    """The init a ``kind`` of plan uses unless told otherwise (:data:`DEFAULT_INIT`)."""
+    return DEFAULT_INIT.get(kind, "average")
 PRUNE_MODES = ("deepest", "keep_last")
 ZEROED = ("o_proj", "down_proj")  # the residual-branch outputs: zero => the block is an identity
 
@@ -184,7 +192,7 @@ def _spread(region: int, n: int) -> list[int]:
     return [k * split - 1 for k in range(1, n + 1)]
 
 
-def uniform(L: int, n: int, init: str = "copy", **kw) -> Plan:
+def uniform(L: int, n: int, init: str = DEFAULT_INIT["uniform"], **kw) -> Plan:
     """LLaMA Pro: with split = L // n, a new block after each layer k*split - 1 (k = 1..n)."""
     if not 0 < n <= L:
         raise ValueError(f"n_expand: {n} must be between 1 and the layer count {L}")
@@ -337,6 +345,14 @@ def mask_from_record(params: Params, record: dict[str, Any]) -> Params:
     plan = record.get("plan", {})
     return trainable_mask(params, [bool(r["trainable"]) for r in lmap], plan.get("train_embed", False),
                           plan.get("train_norm", False), plan.get("train_head", False))
+
+
+def format_layer_map(lmap) -> str:
+    rows = [f"{'new':>4}  {'kind':<10} {'from (original)':<16} trainable"]
+    for r in lmap:
+        src = " avg ".join(map(str, r["from"]))
+        rows.append(f"{r['index']:>4}  {r['kind']:<10} {src:<16} {'yes' if r['trainable'] else ''}")
+    return "\n".join(rows)
 
 
 def count_trainable(params: Params, mask: Params) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -233,13 +234,13 @@ def build_plan(pc, num_layers: int):
     kind = pc.get("kind", "none")
     if kind in ("none", None):
         return None
+    init = pc.get("init") or surgery.default_init(kind)  # "" = what the kind uses
     if kind == "shallow":
         prune = list(pc.prune_layers) if pc.get("prune_layers") else pc.get("prune_mode", "deepest")
         return surgery.shallow(num_layers, pc.expand, len(prune) if pc.get("prune_layers") else pc.get("prune", 0),
-                               prune=prune, refresh_last=pc.get("refresh_last", False),
-                               init=pc.get("init", "average"))
+                               prune=prune, refresh_last=pc.get("refresh_last", False), init=init)
     if kind == "uniform":
-        return surgery.uniform(num_layers, pc.expand, init=pc.get("init", "copy"))
+        return surgery.uniform(num_layers, pc.expand, init=init)
     if kind == "file":
         import json as _json
         from pathlib import Path
@@ -247,6 +248,58 @@ def build_plan(pc, num_layers: int):
         d = _json.loads(Path(pc.file).read_text())
         return surgery.Plan.from_json(d.get("plan", d))
     raise ValueError(f"plan.kind: {kind!r} is not none, shallow, uniform or file")
+
+
+def steps_for(c, rows_per_epoch: int, batch_rows: int) -> int:
+    """The run's length: ``steps``, or, when ``epochs`` > 0, the steps that read that many epochs
+    of packed rows (``rows_per_epoch`` and ``batch_rows`` of this process; epoch 0's row count)."""
+    epochs = float(c.get("epochs", 0) or 0)
+    if epochs > 0:
+        return max(1, math.ceil(epochs * rows_per_epoch / batch_rows))
+    return int(c.steps)
+
+
+def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int, source: str, stats, separator,
+                 sft: bool, tokenizer, rows_per_epoch: int, global_batch: int, steps: int, epochs: float, workdir,
+                 latest: int | None, resume: bool) -> str:
+    """What ``slayer train`` is about to do, printed before the first step."""
+    from slayer_jax.surgery import format_layer_map
+
+    T = stats.seq_len
+    if plan is None:
+        head = f"plan: none: {len(lmap)} layers as loaded"
+    else:
+        head = (f"plan: {plan.name}: {plan.num_layers} -> {plan.num_new_layers} layers; new blocks after original "
+                f"layers {list(plan.expand_after)} (init {plan.init})"
+                + (f"; pruned {list(plan.prune)}" if plan.prune else "")
+                + (f"; refreshed {list(plan.refresh)}" if plan.refresh else ""))
+    sep = ("none (SFT: the chat template's own tokens)" if sft else "none" if separator is None
+           else f"{tokenizer.convert_ids_to_tokens(int(separator))!r} (id {separator})")
+    loss_per_step = stats.loss_tokens / max(1, rows_per_epoch) * global_batch
+    lines = [
+        head,
+        format_layer_map(lmap),
+        f"trainable: {n_trainable:,} of {n_params:,} parameters ({100 * n_trainable / max(1, n_params):.1f}%); "
+        f"optimizer state {opt_bytes / 2**20:.0f} MiB",
+        f"data: {source}: {stats.documents:,} documents -> {stats.tokens:,} tokens ({stats.loss_tokens:,} in the loss)"
+        + (f", {stats.split} split into {stats.chunks} pieces" if stats.split else "")
+        + (f", {stats.dropped} longer than {T} dropped" if stats.dropped else "")
+        + (f", {stats.empty} empty skipped" if stats.empty else "") + f"; separator {sep}",
+        f"packing: {rows_per_epoch:,} rows of {T} per epoch (fill {stats.fill:.0%}); documents reshuffled and "
+        f"repacked every epoch",
+        f"steps: {steps:,} x {global_batch} rows = {global_batch * T:,} tokens per step (~{loss_per_step:,.0f} in the "
+        f"loss); {steps * global_batch / max(1, rows_per_epoch):.2f} epochs"
+        + (f" (epochs={epochs:g})" if epochs > 0 else ""),
+    ]
+    if latest is None:
+        lines.append(f"workdir: {workdir} (no checkpoint: starting at step 0)")
+    elif resume:
+        lines.append(f"workdir: {workdir} has a checkpoint at step {latest}: resuming from it "
+                     f"(checkpoint.resume=False or another workdir starts over)")
+    else:
+        lines.append(f"workdir: {workdir} has a checkpoint at step {latest}; checkpoint.resume=False: starting at "
+                     f"step 0")
+    return "\n".join(lines)
 
 
 def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = None) -> dict[str, Any]:
@@ -257,7 +310,6 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     are logged with the step's record (used by the demo for domain-vs-forgetting curves).
     """
     import json
-    import math
     import time
     from pathlib import Path
 
@@ -301,7 +353,27 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                           f"({c.get('grad_accum', 1)}) for mesh {dict(mesh.shape)}")
     tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
-    steps = int(c.steps)
+    seq_len = int(c.data.seq_len)
+    docs = data_lib.make_dataset(c.data.source, tok, seq_len, mode=c.data.get("mode", "text"),
+                                 field=c.data.get("field", None) or None,
+                                 separator=c.data.get("separator", "auto") or "auto", progress=is_main)
+    per_process_batch = int(c.batch_size) // jax.process_count()
+    bins = int(c.data.get("packing_bins", 0) or 0) or data_lib.default_packing_bins(per_process_batch)
+    rows_per_epoch = docs.count_rows(seed=int(c.seed), packing_bins=bins, shard_index=jax.process_index(),
+                                     shard_count=jax.process_count())
+    steps = steps_for(c, rows_per_epoch, per_process_batch)
+    loader = data_lib.make_loader(docs, batch_size=per_process_batch, seed=int(c.seed), packing_bins=bins)
+    stats = docs.stats
+    eval_batches = None
+    if c.data.get("eval_source"):
+        ev = data_lib.make_dataset(c.data.eval_source, tok, seq_len, mode=c.data.get("mode", "text"),
+                                   field=c.data.get("field", None) or None,
+                                   separator=c.data.get("separator", "auto") or "auto").pack()
+        n_eval = min(int(c.get("eval_batches", 4)) * per_process_batch, len(ev["inputs"]) // per_process_batch
+                     * per_process_batch)
+        eval_batches = [{k: v[i:i + per_process_batch] for k, v in ev.items()}
+                        for i in range(0, n_eval, per_process_batch)]
+
     ocfg = OptimConfig(total_steps=steps, **{k: v for k, v in c.optim.items()})
     tx = make_optimizer(ocfg)
     state = jax.jit(functools.partial(init_state, tx=tx, seed=int(c.seed)))(trainable)
@@ -311,19 +383,6 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     sc = StepConfig(cfg, dtype=c.dtype, remat=c.get("remat", None), grad_accum=int(c.get("grad_accum", 1)))
     step_fn = compile_step(sc, tx, st_sh, fr_sh, b_sh, act_sh)
 
-    arrays, stats = data_lib.make_dataset(c.data.source, tok, int(c.data.seq_len), mode=c.data.get("mode", "text"),
-                                          field=c.data.get("field", None), progress=is_main)
-    per_process_batch = int(c.batch_size) // jax.process_count()
-    loader = data_lib.make_loader(arrays, batch_size=per_process_batch, seed=int(c.seed))
-    eval_batches = None
-    if c.data.get("eval_source"):
-        ev, _ = data_lib.make_dataset(c.data.eval_source, tok, int(c.data.seq_len), mode=c.data.get("mode", "text"),
-                                      field=c.data.get("field", None))
-        n_eval = min(int(c.get("eval_batches", 4)) * per_process_batch, len(ev["inputs"]) // per_process_batch
-                     * per_process_batch)
-        eval_batches = [{k: v[i:i + per_process_batch] for k, v in ev.items()}
-                        for i in range(0, n_eval, per_process_batch)]
-
     meta = {"model": str(c.model), "base_hash": tree_hash(frozen) if c.checkpoint.get("hash_base", True) else None,
             "plan": plan.to_json() if plan else None, "layer_map": lmap,
             "model_config": cfg.to_hf_dict(len(lmap)), "trainable": surgery.count_trainable(
@@ -331,7 +390,18 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     ckpt = TrainCheckpointer(workdir / "checkpoints", keep=int(c.checkpoint.keep),
                              async_save=bool(c.checkpoint.get("async_save", True)))
     start = 0
-    if ckpt.latest_step() is not None and c.checkpoint.get("resume", True):
+    latest = ckpt.latest_step()
+    if is_main:
+        sep = None if c.data.get("mode", "text") == "sft" else data_lib.separator_id(
+            tok, c.data.get("separator", "auto") or "auto")
+        print(describe_run(plan=plan, lmap=lmap, n_trainable=meta["trainable"],
+                           n_params=tree_size(trainable) + tree_size(frozen), opt_bytes=tree_bytes(state["opt_state"]),
+                           source=str(c.data.source), stats=stats, separator=sep,
+                           sft=c.data.get("mode", "text") == "sft", tokenizer=tok,
+                           rows_per_epoch=rows_per_epoch * jax.process_count(), global_batch=int(c.batch_size),
+                           steps=steps, epochs=float(c.get("epochs", 0) or 0), workdir=workdir, latest=latest,
+                           resume=bool(c.checkpoint.get("resume", True))), flush=True)
+    if latest is not None and c.checkpoint.get("resume", True):
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, data_state, start = ckpt.restore(abstract, meta)
         data_lib.set_state(loader, data_state)

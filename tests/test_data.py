@@ -421,35 +421,97 @@ def test_sft_mask_with_smollm2_tokenizer():
 
 
 # ----------------------------------------------------------------------------- tokenise + make_dataset
-def test_tokenize_documents_adds_bos_eos_once(tok):
-    out = D.tokenize_documents(tok, ["hello world", "the fox"], add_bos=True, add_eos=True)
-    for doc, ids in zip(["hello world", "the fox"], out):
-        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
-        assert tok.decode(ids[1:-1]) == doc
-        assert (ids == tok.bos_token_id).sum() == 1
-    out = D.tokenize_documents(tok, ["hello world"])       # add_bos=None follows the tokenizer: no BOS here
-    assert out[0][0] != tok.bos_token_id and out[0][-1] == tok.eos_token_id
+def test_tokenize_documents_adds_bos_and_separator_once(tok):
     endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
-    assert D.tokenize_documents(tok, ["hi"], eos="<|endoftext|>")[0][-1] == endoftext != tok.eos_token_id
-    one_line_error(lambda: D.tokenize_documents(tok, ["hi"], eos="<|nope|>"), "<|nope|>")
+    out = D.tokenize_documents(tok, ["hello world", "the fox"], add_bos=True)
+    for doc, ids in zip(["hello world", "the fox"], out):
+        assert ids[0] == tok.bos_token_id and ids[-1] == endoftext
+        assert tok.decode(ids[1:-1]) == doc
+        assert (ids[:-1] == tok.bos_token_id).sum() == 1     # this tokenizer's BOS is also its end of text
+    out = D.tokenize_documents(tok, ["hello world"])       # add_bos=None follows the tokenizer: no BOS here
+    assert out[0][0] != tok.bos_token_id and out[0][-1] == endoftext
+    assert D.tokenize_documents(tok, ["hi"], separator="eos")[0][-1] == tok.eos_token_id != endoftext
+    assert D.tokenize_documents(tok, ["hi"], separator="none")[0].tolist() == tok("hi")["input_ids"]
+    assert D.tokenize_documents(tok, ["hi"], separator="<|im_start|>")[0][-1] == tok.convert_tokens_to_ids(
+        "<|im_start|>")
+    one_line_error(lambda: D.tokenize_documents(tok, ["hi"], separator="<|nope|>"), "data.separator", "<|nope|>")
+
+
+def _tokenizer_with(eos: str, specials: list[str], template: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(specials + list("abcdefghijklmnopqrstuvwxyz \n"))}
+    t = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, eos_token=eos, unk_token=specials[0],
+                                   additional_special_tokens=specials)
+    fast.chat_template = template
+    return fast
+
+
+def test_raw_text_separator_is_end_of_text_never_end_of_turn(tok):
+    # ChatML tokenizer whose EOS is the end-of-turn <|im_end|>: the separator is <|endoftext|>
+    assert D.end_of_text_id(tok) == tok.convert_tokens_to_ids("<|endoftext|>") != tok.eos_token_id
+    assert D.ends_chat_turns(tok, "<|im_end|>") and not D.ends_chat_turns(tok, "<|endoftext|>")
+    # Llama 2 / Mistral: EOS </s> is the end of text
+    llama2 = _tokenizer_with("</s>", ["<unk>", "<s>", "</s>"], "{% for m in messages %}[INST] {{ m['content'] }} "
+                                                                 "[/INST]{% endfor %}")
+    assert D.separator_id(llama2) == llama2.convert_tokens_to_ids("</s>")
+    # Llama 3 instruct: EOS <|eot_id|> ends turns; <|end_of_text|> is the end of text
+    llama3 = _tokenizer_with("<|eot_id|>", ["<|reserved|>", "<|end_of_text|>", "<|eot_id|>"],
+                             "{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}")
+    assert D.separator_id(llama3) == llama3.convert_tokens_to_ids("<|end_of_text|>")
+    # an EOS that the template does not use is taken as the end of text
+    plain = _tokenizer_with("<|done|>", ["<|pad|>", "<|done|>"], None)
+    assert D.separator_id(plain) == plain.convert_tokens_to_ids("<|done|>")
+    # only an end-of-turn token and nothing else: refused with one line naming the setting
+    turn_only = _tokenizer_with("<|im_end|>", ["<|pad|>", "<|im_start|>", "<|im_end|>"], CHATML)
+    one_line_error(lambda: D.separator_id(turn_only), "eos_token", "<|im_end|>", "data.separator")
+    assert D.separator_id(turn_only, "eos") == turn_only.eos_token_id          # unless asked for explicitly
+    assert D.separator_id(turn_only, "none") is None
+
+
+def test_smollm2_separator_and_sft_rows_use_the_real_template(smollm2_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert t.eos_token == "<|im_end|>"
+    sep = D.separator_id(t)
+    assert t.convert_ids_to_tokens(sep) == "<|endoftext|>"
+    p = tmp_path / "docs.jsonl"
+    p.write_text(json.dumps({"text": "The cat sat."}) + "\n")
+    arrays = D.make_dataset(p, t, 32).pack()
+    (piece,) = unpack(arrays)
+    assert t.decode(piece["inputs"]) == "The cat sat.<|endoftext|>"
+    # SFT keeps the chat template's own tokens: the packed conversation is exactly the template's output
+    q = tmp_path / "chats.jsonl"
+    q.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (CHAT, CHAT[1:3])))
+    rows = unpack(D.make_dataset(q, t, 256, mode="sft").pack())
+    rendered = {t.apply_chat_template(m, tokenize=False) for m in (CHAT, CHAT[1:3])}
+    assert {t.decode(g["inputs"]) for g in rows} == rendered
+    assert all(t.decode(g["inputs"]).rstrip().endswith("<|im_end|>") for g in rows)
+    assert not any(sep in g["inputs"] for g in rows)
 
 
 def test_make_dataset_text_mode(tok, tmp_path):
     p = tmp_path / "docs.jsonl"
     texts = CORPUS[:5] + ["", "Hello world, the fox jumps over the lazy dog again and again. " * 6]
     p.write_text("".join(json.dumps({"text": s}) + "\n" for s in texts))
-    arrays, st = D.make_dataset(p, tok, 32, mode="text")
+    docs = D.make_dataset(p, tok, 32, mode="text")
+    arrays, st = docs.pack(), docs.stats
     assert st.empty == 1 and st.split == 1 and st.documents == 6
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
     expected = []
     for text in texts:
         if text:
-            ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = tok(text, add_special_tokens=False)["input_ids"] + [endoftext]
             expected += [tuple(ids[i:i + 32]) for i in range(0, len(ids), 32)]
     pieces = unpack(arrays)
     assert sorted(tuple(g["inputs"].tolist()) for g in pieces) == sorted(expected)
     assert st.chunks == len(expected) - 5 > 1
     whole = {tok.decode(g["inputs"]) for g in pieces}
-    assert {s + "<|im_end|>" for s in texts[:5]} <= whole
+    assert {s + "<|endoftext|>" for s in texts[:5]} <= whole
     check_targets(arrays)
 
 
@@ -457,7 +519,8 @@ def test_make_dataset_sft_mode(tok, tmp_path):
     p = tmp_path / "chats.jsonl"
     chats = [CHAT, CHAT[1:3], [{"role": "user", "content": "no answer"}]]
     p.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
-    arrays, st = D.make_dataset(p, tok, 64, mode="sft")
+    docs = D.make_dataset(p, tok, 64, mode="sft")
+    arrays, st = docs.pack(), docs.stats
     assert st.no_loss == 1 and st.documents == 2
     pieces = sorted(unpack(arrays), key=lambda g: -len(g["inputs"]))
     for g, msgs in zip(pieces, [CHAT, CHAT[1:3]]):
@@ -465,20 +528,19 @@ def test_make_dataset_sft_mode(tok, tmp_path):
         assert g["inputs"].tolist() == ids
         assert g["weights"].tolist() == mask[1:] + [0]
     # a conversation longer than seq_len is dropped by default in SFT mode
-    _, st = D.make_dataset(p, tok, 20, mode="sft")
+    st = D.make_dataset(p, tok, 20, mode="sft").stats
     assert st.dropped >= 1 and st.split == 0
 
 
 # ----------------------------------------------------------------------------- loader
-def numbered_rows(n, T=4):
-    """Packed-shaped arrays whose inputs[r, 0] == r, so a batch tells which rows it holds."""
-    inputs = np.repeat(np.arange(n, dtype=np.int32)[:, None], T, axis=1)
-    return {"inputs": inputs, "targets": inputs + 1, "positions": np.tile(np.arange(T, dtype=np.int32), (n, 1)),
-            "segment_ids": np.ones((n, T), np.int32), "weights": np.ones((n, T), np.float32)}
+def numbered_docs(n, T=4):
+    """n documents of exactly T tokens, document r all token r + 1: each fills a row alone, so
+    ``inputs[:, 0] - 1`` tells which documents a batch holds."""
+    return D.Documents.from_token_lists([[r + 1] * T for r in range(n)], T)
 
 
 def rows_of(batches):
-    return [b["inputs"][:, 0].tolist() for b in batches]
+    return [(b["inputs"][:, 0] - 1).tolist() for b in batches]
 
 
 def take(it, n):
@@ -486,22 +548,24 @@ def take(it, n):
 
 
 def test_loader_batches_cover_each_epoch():
-    arrays = numbered_rows(20)
+    arrays = numbered_docs(20)
     it = D.make_loader(arrays, batch_size=4, seed=0, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
     batches = list(it)
     assert rows_of(batches) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
     b = batches[0]
     assert set(b) == set(D.ARRAY_KEYS) and b["targets"].shape == (4, 4) and b["weights"].dtype == np.float32
-    np.testing.assert_array_equal(b["targets"], arrays["targets"][:4])
+    assert b["targets"].tolist() == [[r + 1] * 3 + [0] for r in range(4)]
+    assert b["weights"].tolist() == [[1, 1, 1, 0]] * 4 and b["positions"].tolist() == [[0, 1, 2, 3]] * 4
     it = D.make_loader(arrays, batch_size=5, seed=3, num_epochs=3, shard_index=0, shard_count=1)
     flat = sum(rows_of(list(it)), [])
-    epochs = [flat[i * 20:(i + 1) * 20] for i in range(3)]
-    assert all(sorted(e) == list(range(20)) for e in epochs)
+    assert sorted(flat) == sorted(list(range(20)) * 3)     # each document once per epoch
+    epochs = [flat[i * 20:(i + 1) * 20] for i in range(3)]  # (rows near a boundary may swap across it: the
+    # packer emits its open rows in shuffled order, and a window of them can straddle two epochs)
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(20))   # reshuffled each epoch
 
 
 def test_loader_seeded_shuffle():
-    arrays = numbered_rows(64)
+    arrays = numbered_docs(64)
     mk = lambda seed: rows_of(take(D.make_loader(arrays, batch_size=8, seed=seed, shard_index=0,  # noqa: E731
                                                  shard_count=1), 8))
     assert mk(1) == mk(1)
@@ -511,7 +575,7 @@ def test_loader_seeded_shuffle():
 
 @pytest.mark.parametrize("prefetch", [0, 4])
 def test_loader_state_resumes_exactly(prefetch, tmp_path):
-    arrays = numbered_rows(200)
+    arrays = numbered_docs(200)
     kw = dict(batch_size=16, seed=7, shard_index=0, shard_count=1, prefetch=prefetch)
     ref = rows_of(take(D.make_loader(arrays, **kw), 30))        # crosses several epoch boundaries
     for k in (0, 3, 5, 17):
@@ -530,14 +594,14 @@ def test_loader_state_resumes_exactly(prefetch, tmp_path):
 
 
 def test_loader_state_refuses_other_settings():
-    arrays = numbered_rows(16)
+    arrays = numbered_docs(16)
     it = D.make_loader(arrays, batch_size=4, seed=0, shard_index=0, shard_count=1)
     next(it)
     state = D.get_state(it)
     other = D.make_loader(arrays, batch_size=4, seed=1, shard_index=0, shard_count=1)
     one_line_error(lambda: D.set_state(other, state), "'seed'", "0", "1")
-    changed = numbered_rows(16)
-    changed["inputs"][3, 1] += 1
+    changed = numbered_docs(16)
+    changed.pieces[3][1] += 1
     other = D.make_loader(changed, batch_size=4, seed=0, shard_index=0, shard_count=1)
     one_line_error(lambda: D.set_state(other, state), "'fingerprint'")
     one_line_error(lambda: D.set_state(it, {"next_index": 3}), "expected a state")
@@ -547,7 +611,7 @@ def test_loader_orbax_checkpoint_roundtrip(tmp_path):
     import grain
     import orbax.checkpoint as ocp
 
-    arrays = numbered_rows(12)
+    arrays = numbered_docs(12)
     kw = dict(batch_size=3, seed=5, shard_index=0, shard_count=1)
     it = D.make_loader(arrays, **kw)
     take(it, 5)
@@ -561,7 +625,7 @@ def test_loader_orbax_checkpoint_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("n", [40, 41])
 def test_loader_shards_are_disjoint(n):
-    arrays = numbered_rows(n)
+    arrays = numbered_docs(n)
     kw = dict(batch_size=1, seed=3, num_epochs=1)
     shards = [sum(rows_of(list(D.make_loader(arrays, shard_index=i, shard_count=2, **kw))), []) for i in range(2)]
     assert len(shards[0]) == len(shards[1]) == 20                 # hosts step in lockstep
@@ -571,5 +635,6 @@ def test_loader_shards_are_disjoint(n):
     b4 = [rows_of(list(D.make_loader(arrays, shard_index=i, shard_count=2, batch_size=4, seed=3, num_epochs=1)))
           for i in range(2)]
     assert [sorted(sum(b, [])) for b in b4] == [sorted(s) for s in shards]
-    one_line_error(lambda: D.make_loader(numbered_rows(3), batch_size=4, seed=0, num_epochs=1, shard_index=0,
-                                         shard_count=1), "batch_size 4")
+    one_line_error(lambda: D.make_loader(numbered_docs(1), batch_size=1, seed=0, shard_index=0, shard_count=2),
+                   "1 pieces for 2 shards")
+    one_line_error(lambda: D.make_loader(numbered_docs(4).pack(), batch_size=1, seed=0), "expected slayer_jax.data")

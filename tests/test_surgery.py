@@ -217,3 +217,33 @@ def test_smollm2_identity_expansion(smollm2_dir, init):
     assert np.abs(np.asarray(fwd(grown, ids, cfg)) - before).max() <= 1e-5
     pruned, _, _ = surgery.apply_plan(params, surgery.shallow(30, 5, 2))
     assert np.abs(np.asarray(fwd(pruned, ids, cfg)) - before).max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["uniform", "shallow"])
+def test_config_plan_init_follows_the_kind(tiny, kind):
+    """With no init key set, a recipe's uniform plan (LLaMA Pro) copies the layer it follows, bit for
+    bit, and a shallow plan (S strategy) averages it with its successor."""
+    from slayer_jax.configs import base_config
+    from slayer_jax.train import build_plan
+
+    c = base_config()
+    c.plan.kind, c.plan.expand = kind, 2
+    assert c.plan.init == ""
+    plan = build_plan(c.plan, len(tiny["layers"]))
+    assert plan.init == {"uniform": "copy", "shallow": "average"}[kind]
+    grown, _, lmap = surgery.apply_plan(tiny, plan)
+    for rec in (r for r in lmap if r["kind"] == "inserted"):
+        new, i = grown["layers"][rec["index"]], rec["from"][0]
+        for key in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "attn_norm", "mlp_norm"):
+            leaf = "scale" if key.endswith("norm") else "kernel"
+            a, got = np.asarray(tiny["layers"][i][key][leaf]), np.asarray(new[key][leaf])
+            if kind == "uniform":
+                assert rec["from"] == [i]
+                np.testing.assert_array_equal(got, a)                        # bit-equal copies
+            else:
+                b = np.asarray(tiny["layers"][i + 1][key][leaf])
+                assert rec["from"] == [i, i + 1] and not np.array_equal(got, a)
+                np.testing.assert_array_equal(got, ((a.astype(np.float64) + b) / 2).astype(np.float32))
+        assert not np.asarray(new["o_proj"]["kernel"]).any() and not np.asarray(new["down_proj"]["kernel"]).any()
+    c.plan.init = "average"                                                  # an explicit init still wins
+    assert build_plan(c.plan, len(tiny["layers"])).init == "average"

@@ -86,6 +86,10 @@ def test_sigkill_and_resume_is_bit_identical(tiny_setup):
     out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err.decode()[-2000:]
     assert b"resumed from step" in out
+    import re
+
+    said = re.search(rb"has a checkpoint at step (\d+): resuming from it", out)   # said before it starts
+    assert said and f"resumed from step {int(said.group(1))}".encode() in out
     got = losses(metrics)
     assert sorted(got) == list(range(1, 11))
     for step in range(1, 11):
@@ -93,6 +97,32 @@ def test_sigkill_and_resume_is_bit_identical(tiny_setup):
 
 
 @pytest.mark.slow
+def test_epochs_key_and_the_run_says_what_it_will_do(tiny_setup, capsys):
+    import math
+
+    from slayer_jax import train as train_mod
+    from slayer_jax.configs import load_config_file
+
+    work = tiny_setup
+    cfg = load_config_file(REPO / "configs" / "smollm2_slayer.py", overrides(
+        work, "epochs", steps=1, batch_size=8, epochs=1.5, log_every=1000, **{"checkpoint.every": 1000}))
+    out = train_mod.run(cfg)
+    printed = capsys.readouterr().out
+    st = out["pack_stats"]
+    # an independent bound on the rows: at least the tokens over the row length, at most one row per piece
+    assert math.ceil(st.tokens / 64) <= st.rows <= st.documents + st.chunks
+    steps = math.ceil(1.5 * st.rows / 8)
+    assert len(out["history"]) == steps
+    assert "plan: shallow: 4 -> 5 layers; new blocks after original layers [1] (init average)" in printed
+    assert "   2  inserted   1 avg 2          yes" in printed
+    new_block = train_mod.tree_size(out["params"]["layers"][2])                # the only trainable leaves
+    assert f"trainable: {new_block:,} of {train_mod.tree_size(out['params']):,} parameters" in printed
+    assert "separator '<|endoftext|>' (id 0)" in printed
+    assert f"packing: {st.rows:,} rows of 64 per epoch" in printed and "repacked every epoch" in printed
+    assert f"steps: {steps:,} x 8 rows = 512 tokens per step" in printed and "(epochs=1.5)" in printed
+    assert "(no checkpoint: starting at step 0)" in printed
+
+
 def test_resume_into_other_plan_is_refused_and_nan_stops(tiny_setup):
     from slayer_jax import train as train_mod
     from slayer_jax.checkpoint import TrainCheckpointer
