@@ -285,8 +285,8 @@ def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int,
         + (f", {stats.split} split into {stats.chunks} pieces" if stats.split else "")
         + (f", {stats.dropped} longer than {T} dropped" if stats.dropped else "")
         + (f", {stats.empty} empty skipped" if stats.empty else "") + f"; separator {sep}",
-        f"packing: {rows_per_epoch:,} rows of {T} per epoch (fill {stats.fill:.0%}); documents reshuffled and "
-        f"repacked every epoch",
+        f"packing: {rows_per_epoch:,} rows of {T} per epoch (fill {stats.tokens / max(1, rows_per_epoch * T):.0%}); "
+        f"documents reshuffled and repacked every epoch",
         f"steps: {steps:,} x {global_batch} rows = {global_batch * T:,} tokens per step (~{loss_per_step:,.0f} in the "
         f"loss); {steps * global_batch / max(1, rows_per_epoch):.2f} epochs"
         + (f" (epochs={epochs:g})" if epochs > 0 else ""),
