@@ -200,6 +200,19 @@ def default_steps(token_lists: list[list[int]], epochs: float, seq_len: int, bat
 
 
 # ============================================================================ torch stack
+def right_pad(seqs: list[list[int]], pad_id: int):
+    """(ids, attention mask), torch int64 ``[len(seqs), longest]``, right padded with ``pad_id``."""
+    import torch
+
+    L = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, :len(x)] = torch.tensor(x)
+        mask[r, :len(x)] = 1
+    return ids, mask
+
+
 def lr_factor(step: int, total: int, warmup_frac: float) -> float:
     """optax.warmup_cosine_decay_schedule(0, peak, w, total, 0)(step) / peak, w = max(1, round(frac*total))."""
     w = max(1, int(round(warmup_frac * total))) if warmup_frac > 0 else 0
@@ -284,12 +297,7 @@ def run_torch(base_dir: Path, train_ids: list[list[int]], steps: int, epochs: in
     t_train = time.perf_counter()
     for s, g in enumerate(groups):
         docs = [train_ids[i] for i in g]
-        L = max(len(d) for d in docs)
-        ids = torch.full((len(docs), L), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(docs), L), dtype=torch.long)
-        for r, d in enumerate(docs):
-            ids[r, :len(d)] = torch.tensor(d)
-            mask[r, :len(d)] = 1
+        ids, mask = right_pad(docs, pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
@@ -390,6 +398,9 @@ class Evaluator:
     def _enc(self, s: str) -> list[int]:
         return self.tok(s, add_special_tokens=False)["input_ids"]
 
+    def _right_pad(self, seqs: list[list[int]]):
+        return right_pad(seqs, self.pad)
+
     def _nll_rows(self, model, seqs: list[list[int]], starts: list[int]) -> list[tuple[float, int]]:
         """Per sequence: (sum of -log p(token j) for j >= start, count), right padded batches."""
         torch = self.torch
@@ -397,12 +408,7 @@ class Evaluator:
         per_call = max(1, min(self.batch, 2048 // max(len(s) for s in seqs)))  # logits stay <= 2048 x V
         for b in range(0, len(seqs), per_call):
             chunk, st = seqs[b:b + per_call], starts[b:b + per_call]
-            L = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), L), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
+            ids, mask = self._right_pad(chunk)
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 tgt = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
@@ -428,12 +434,7 @@ class Evaluator:
                 pmask[r, P - len(prompts[i]):] = 1
             pos = (pmask.cumsum(-1) - 1).clamp(min=0)
             cs = [c for i in chunk for c in conts[i]]
-            C = max(len(c) for c in cs)
-            cids = torch.full((len(cs), C), self.pad, dtype=torch.long)
-            cmask = torch.zeros((len(cs), C), dtype=torch.long)
-            for r, c in enumerate(cs):
-                cids[r, :len(c)] = torch.tensor(c)
-                cmask[r, :len(c)] = 1
+            cids, cmask = self._right_pad(cs)
             plen = pmask.sum(-1).repeat_interleave(4)
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
@@ -441,7 +442,7 @@ class Evaluator:
                 cache = out.past_key_values
                 cache.batch_repeat_interleave(4)
                 mask = torch.cat([pmask.repeat_interleave(4, 0), cmask], 1)
-                cpos = plen[:, None] + torch.arange(C)[None, :]
+                cpos = plen[:, None] + torch.arange(cids.shape[1])[None, :]
                 logp = torch.log_softmax(model(input_ids=cids, attention_mask=mask, position_ids=cpos,
                                                past_key_values=cache).logits.float(), -1)
             for r, c in enumerate(cs):

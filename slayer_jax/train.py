@@ -250,17 +250,21 @@ def build_plan(pc, num_layers: int):
     raise ValueError(f"plan.kind: {kind!r} is not none, shallow, uniform or file")
 
 
-def steps_for(c, rows_per_epoch: int, batch_rows: int) -> int:
-    """The run's length: ``steps``, or, when ``epochs`` > 0, the steps that read that many epochs
-    of packed rows (``rows_per_epoch`` and ``batch_rows`` of this process; epoch 0's row count)."""
+def steps_for(c, docs, batch_rows: int, packing_bins: int) -> tuple[int, int | None]:
+    """``(steps, rows per epoch of this process or None)``: ``steps``, or, when ``epochs`` > 0, the
+    steps that read that many epochs of packed rows. Only then is an epoch packed ahead to count
+    its rows (epoch 0's exact count; later epochs pack within a row or two of it): a pass over the
+    corpus that a ``steps`` run does not need."""
     epochs = float(c.get("epochs", 0) or 0)
-    if epochs > 0:
-        return max(1, math.ceil(epochs * rows_per_epoch / batch_rows))
-    return int(c.steps)
+    if epochs <= 0:
+        return int(c.steps), None
+    rows = docs.count_rows(seed=int(c.seed), packing_bins=packing_bins, shard_index=jax.process_index(),
+                           shard_count=jax.process_count())
+    return max(1, math.ceil(epochs * rows / batch_rows)), rows
 
 
 def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int, source: str, stats, separator,
-                 sft: bool, tokenizer, rows_per_epoch: int, global_batch: int, steps: int, epochs: float, workdir,
+                 sft: bool, tokenizer, rows_per_epoch: int | None, global_batch: int, steps: int, epochs: float, workdir,
                  latest: int | None, resume: bool) -> str:
     """What ``slayer train`` is about to do, printed before the first step."""
     from slayer_jax.surgery import format_layer_map
@@ -275,6 +279,11 @@ def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int,
                 + (f"; refreshed {list(plan.refresh)}" if plan.refresh else ""))
     sep = ("none (SFT: the chat template's own tokens)" if sft else "none" if separator is None
            else f"{tokenizer.convert_ids_to_tokens(int(separator))!r} (id {separator})")
+    if rows_per_epoch is None:  # not packed ahead (a `steps` run): the rows' lower bound, full rows
+        rows_per_epoch = math.ceil(stats.tokens / T)
+        packing = f"packing: at least {rows_per_epoch:,} rows of {T} per epoch"
+    else:
+        packing = f"packing: {rows_per_epoch:,} rows of {T} per epoch (fill {stats.tokens / (rows_per_epoch * T):.0%})"
     loss_per_step = stats.loss_tokens / max(1, rows_per_epoch) * global_batch
     lines = [
         head,
@@ -285,10 +294,9 @@ def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int,
         + (f", {stats.split} split into {stats.chunks} pieces" if stats.split else "")
         + (f", {stats.dropped} longer than {T} dropped" if stats.dropped else "")
         + (f", {stats.empty} empty skipped" if stats.empty else "") + f"; separator {sep}",
-        f"packing: {rows_per_epoch:,} rows of {T} per epoch (fill {stats.tokens / max(1, rows_per_epoch * T):.0%}); "
-        f"documents reshuffled and repacked every epoch",
+        f"{packing}; documents reshuffled and repacked every epoch",
         f"steps: {steps:,} x {global_batch} rows = {global_batch * T:,} tokens per step (~{loss_per_step:,.0f} in the "
-        f"loss); {steps * global_batch / max(1, rows_per_epoch):.2f} epochs"
+        f"loss); {'at most ' if epochs <= 0 else ''}{steps * global_batch / max(1, rows_per_epoch):.2f} epochs"
         + (f" (epochs={epochs:g})" if epochs > 0 else ""),
     ]
     if latest is None:
@@ -354,21 +362,19 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     seq_len = int(c.data.seq_len)
+    separator = c.data.get("separator", "auto") or "auto"
     docs = data_lib.make_dataset(c.data.source, tok, seq_len, mode=c.data.get("mode", "text"),
-                                 field=c.data.get("field", None) or None,
-                                 separator=c.data.get("separator", "auto") or "auto", progress=is_main)
+                                 field=c.data.get("field", None) or None, separator=separator, progress=is_main)
     per_process_batch = int(c.batch_size) // jax.process_count()
     bins = int(c.data.get("packing_bins", 0) or 0) or data_lib.default_packing_bins(per_process_batch)
-    rows_per_epoch = docs.count_rows(seed=int(c.seed), packing_bins=bins, shard_index=jax.process_index(),
-                                     shard_count=jax.process_count())
-    steps = steps_for(c, rows_per_epoch, per_process_batch)
+    steps, rows_per_epoch = steps_for(c, docs, per_process_batch, bins)
     loader = data_lib.make_loader(docs, batch_size=per_process_batch, seed=int(c.seed), packing_bins=bins)
     stats = docs.stats
     eval_batches = None
     if c.data.get("eval_source"):
         ev = data_lib.make_dataset(c.data.eval_source, tok, seq_len, mode=c.data.get("mode", "text"),
                                    field=c.data.get("field", None) or None,
-                                   separator=c.data.get("separator", "auto") or "auto").pack()
+                                   separator=separator).pack()
         n_eval = min(int(c.get("eval_batches", 4)) * per_process_batch, len(ev["inputs"]) // per_process_batch
                      * per_process_batch)
         eval_batches = [{k: v[i:i + per_process_batch] for k, v in ev.items()}
@@ -392,13 +398,13 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     start = 0
     latest = ckpt.latest_step()
     if is_main:
-        sep = None if c.data.get("mode", "text") == "sft" else data_lib.separator_id(
-            tok, c.data.get("separator", "auto") or "auto")
+        sep = None if c.data.get("mode", "text") == "sft" else data_lib.separator_id(tok, separator)
         print(describe_run(plan=plan, lmap=lmap, n_trainable=meta["trainable"],
                            n_params=tree_size(trainable) + tree_size(frozen), opt_bytes=tree_bytes(state["opt_state"]),
                            source=str(c.data.source), stats=stats, separator=sep,
                            sft=c.data.get("mode", "text") == "sft", tokenizer=tok,
-                           rows_per_epoch=rows_per_epoch * jax.process_count(), global_batch=int(c.batch_size),
+                           rows_per_epoch=None if rows_per_epoch is None else rows_per_epoch * jax.process_count(),
+                           global_batch=int(c.batch_size),
                            steps=steps, epochs=float(c.get("epochs", 0) or 0), workdir=workdir, latest=latest,
                            resume=bool(c.checkpoint.get("resume", True))), flush=True)
     if latest is not None and c.checkpoint.get("resume", True):
