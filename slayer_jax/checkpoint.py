@@ -61,8 +61,11 @@ def save_model(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: An
     return path
 
 
-def load_model(path: str | Path, dtype: Any = None):
-    """Returns (params, cfg, tokenizer_or_None) from a model checkpoint directory."""
+def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
+    """Returns (params, cfg, tokenizer_or_None) from a model checkpoint directory.
+
+    mesh: restore every leaf as a global ``jax.Array`` with its role sharding
+    (:func:`slayer_jax.sharding.param_shardings`); orbax then reads only the local shards."""
     import orbax.checkpoint as ocp
 
     from slayer_jax.io.hf import load_tokenizer
@@ -82,23 +85,51 @@ def load_model(path: str | Path, dtype: Any = None):
             if key not in saved or key not in want or tuple(saved[key].shape) != tuple(want[key].shape):
                 raise SlayerError(f"{path / PARAMS_DIR}: leaf {key} does not match config.json "
                                   f"({n_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
+        shardings = {}
+        if mesh is not None:
+            from slayer_jax.sharding import param_shardings
+
+            shardings = {jax.tree_util.keystr(p): s
+                         for p, s in jax.tree_util.tree_flatten_with_path(param_shardings(abstract, mesh))[0]}
         target = jax.tree_util.tree_map_with_path(
             lambda p, a: jax.ShapeDtypeStruct(a.shape, np.dtype(dtype) if dtype is not None
-                                              else saved[jax.tree_util.keystr(p)].dtype), abstract)
+                                              else saved[jax.tree_util.keystr(p)].dtype,
+                                              sharding=shardings.get(jax.tree_util.keystr(p))), abstract)
         params = ckptr.restore(path / PARAMS_DIR, target)
     return params, cfg, load_tokenizer(path)
 
 
 # ----------------------------------------------------------------------------- training checkpoints
+@jax.jit
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """Two 32-bit position-weighted sums of a leaf's bits, computed where the leaf lives. Integer
+    sums wrap exactly, so the result does not depend on how the leaf is sharded or reduced."""
+    import jax.numpy as jnp
+
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).reshape(-1).astype(jnp.uint32)
+    i = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+    mix = (i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15))
+    mix = (mix ^ (mix >> 15)) * jnp.uint32(0x85EBCA6B)
+    mix = mix ^ (mix >> 13)
+    return jnp.stack([jnp.sum(bits * (mix | jnp.uint32(1)), dtype=jnp.uint32),
+                      jnp.sum((bits ^ mix) * jnp.uint32(0xC2B2AE35) + i, dtype=jnp.uint32)])
+
+
 def tree_hash(tree: Any) -> str:
-    """sha256 over the leaves' paths, dtypes, shapes and bytes: the identity of a frozen base."""
+    """The identity of a frozen base: sha256 over each leaf's path, dtype, shape and a 64-bit
+    checksum of its bits computed on its devices. Nothing is fetched to the host, so it works on
+    arrays sharded over several processes (each process gets the same answer), and it equals the
+    single-process value for the same weights."""
     import hashlib
+
+    from slayer_jax.multihost import replicated_value
 
     h = hashlib.sha256()
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.asarray(jax.device_get(x))
-        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).view(np.uint8).data)
+        sums = replicated_value(_leaf_checksum(x))
+        h.update(f"{jax.tree_util.keystr(path)}|{np.dtype(x.dtype)}|{tuple(x.shape)}|".encode())
+        h.update(np.ascontiguousarray(sums).tobytes())
     return h.hexdigest()
 
 
@@ -107,7 +138,8 @@ class TrainCheckpointer:
 
     - ``state``: step, trainable params, optimizer state and RNG (the frozen base is *not*
       copied: it is referenced by ``meta.base`` and its content hash, checked on restore);
-    - ``data``: the grain iterator state (JSON), so the data order resumes exactly;
+    - ``data``: every process's grain iterator state (grain's orbax handler, one JSON file per
+      process), so the data order resumes exactly;
     - ``meta``: model config, surgery plan and layer map, base model path and hash.
 
     Saves are async (orbax), keep the newest ``keep`` steps, and are atomic: orbax writes to a
@@ -118,7 +150,9 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
 
-        self.directory = Path(directory).absolute()
+        from etils import epath
+
+        self.directory = epath.Path(directory if str(directory).startswith("gs://") else Path(directory).absolute())
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -128,15 +162,20 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    def save(self, step: int, state: Any, loader: Any, meta: dict) -> None:
+        """``loader``: the grain iterator; each process writes its own iterator state
+        (grain's orbax handler: ``data/process_I-of-N.json``)."""
+        import grain
         import orbax.checkpoint as ocp
 
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data_state),
+                                                        data=grain.checkpoint.CheckpointSave(loader),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, abstract_state: Any, meta: dict, step: int | None = None) -> tuple[Any, dict, int]:
-        """Restore (state, data_state, step), refusing a checkpoint of another model or plan."""
+    def restore(self, abstract_state: Any, loader: Any, meta: dict, step: int | None = None) -> tuple[Any, int]:
+        """Restore (state, step) and set ``loader`` (this process's iterator) to where it was,
+        refusing a checkpoint of another model or plan."""
+        import grain
         import orbax.checkpoint as ocp
 
         step = self.latest_step() if step is None else step
@@ -148,9 +187,16 @@ class TrainCheckpointer:
             if saved_meta.get(key) != meta.get(key):
                 raise SlayerError(f"{self.directory}/{step}: checkpoint field '{key}' does not match this run "
                                   f"(saved {_short(saved_meta.get(key))}, now {_short(meta.get(key))})")
+        data_dir = self.directory / str(step) / "data"
+        mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not mine.exists():
+            saved = sorted(p.name for p in data_dir.glob("process_*.json")) if data_dir.exists() else []
+            raise SlayerError(f"{data_dir}: no data iterator state for process {jax.process_index()} of "
+                              f"{jax.process_count()} (found {saved or 'none'}); resume with the process count "
+                              f"that wrote it, or start a new workdir")
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"], step
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(loader)))
+        return restored["state"], step
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -208,25 +208,6 @@ def device_peak_flops() -> float | None:
     return None
 
 
-def maybe_initialize_distributed() -> bool:
-    """``jax.distributed.initialize()`` when launched on several hosts (driven by the
-    environment: Cloud TPU pod metadata, or JAX_COORDINATOR_ADDRESS / SLURM for GPUs);
-    single-host runs need nothing. Must run before the first jax computation."""
-    import os
-
-    multi = (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLAYER_MULTIHOST") == "1"
-             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-             or len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
-    if not multi:
-        return False
-    try:
-        jax.distributed.initialize()
-    except RuntimeError as e:  # already initialised by the caller
-        if "already" not in str(e):
-            raise
-    return True
-
-
 def build_plan(pc, num_layers: int):
     """The surgery plan named by a config's ``plan`` block (None = train the model as it is)."""
     from slayer_jax import surgery
@@ -251,15 +232,14 @@ def build_plan(pc, num_layers: int):
 
 
 def steps_for(c, docs, batch_rows: int, packing_bins: int) -> tuple[int, int | None]:
-    """``(steps, rows per epoch of this process or None)``: ``steps``, or, when ``epochs`` > 0, the
+    """``(steps, rows per epoch or None)``: ``steps``, or, when ``epochs`` > 0, the
     steps that read that many epochs of packed rows. Only then is an epoch packed ahead to count
     its rows (epoch 0's exact count; later epochs pack within a row or two of it): a pass over the
     corpus that a ``steps`` run does not need."""
     epochs = float(c.get("epochs", 0) or 0)
     if epochs <= 0:
         return int(c.steps), None
-    rows = docs.count_rows(seed=int(c.seed), packing_bins=packing_bins, shard_index=jax.process_index(),
-                           shard_count=jax.process_count())
+    rows = docs.count_rows(seed=int(c.seed), packing_bins=packing_bins)
     return max(1, math.ceil(epochs * rows / batch_rows)), rows
 
 
@@ -323,8 +303,10 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
 
     from tqdm.auto import tqdm
 
+    from etils import epath
+
     from slayer_jax import data as data_lib
-    from slayer_jax import surgery
+    from slayer_jax import multihost, surgery
     from slayer_jax.checkpoint import TrainCheckpointer, tree_hash
     from slayer_jax.errors import SlayerError
     from slayer_jax.io import load_any
@@ -332,8 +314,8 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     from slayer_jax.sharding import batch_sharding, make_mesh, param_shardings
 
     c = config
-    maybe_initialize_distributed()
-    workdir = Path(c.workdir)
+    multihost.initialize(c.get("distributed"))
+    workdir = epath.Path(c.workdir) if str(c.workdir).startswith("gs://") else epath.Path(Path(c.workdir).absolute())
     is_main = jax.process_index() == 0
     params, cfg, tok = load_any(c.model)
     if tok is None:
@@ -359,26 +341,28 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if int(c.batch_size) % (dp * int(c.get("grad_accum", 1))):
         raise SlayerError(f"config: batch_size {c.batch_size} must be divisible by data*fsdp ({dp}) x grad_accum "
                           f"({c.get('grad_accum', 1)}) for mesh {dict(mesh.shape)}")
+    multihost.require_shared_dir(workdir)
     tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     seq_len = int(c.data.seq_len)
     separator = c.data.get("separator", "auto") or "auto"
     docs = data_lib.make_dataset(c.data.source, tok, seq_len, mode=c.data.get("mode", "text"),
                                  field=c.data.get("field", None) or None, separator=separator, progress=is_main)
-    per_process_batch = int(c.batch_size) // jax.process_count()
-    bins = int(c.data.get("packing_bins", 0) or 0) or data_lib.default_packing_bins(per_process_batch)
-    steps, rows_per_epoch = steps_for(c, docs, per_process_batch, bins)
-    loader = data_lib.make_loader(docs, batch_size=per_process_batch, seed=int(c.seed), packing_bins=bins)
+    # Every process reads the same global batches and hands its devices only their rows
+    # (multihost.global_batch): the run is the same whatever the number of processes.
+    global_rows = int(c.batch_size)
+    bins = int(c.data.get("packing_bins", 0) or 0) or data_lib.default_packing_bins(global_rows)
+    steps, rows_per_epoch = steps_for(c, docs, global_rows, bins)
+    loader = data_lib.make_loader(docs, batch_size=global_rows, seed=int(c.seed), packing_bins=bins, shard_index=0,
+                                  shard_count=1)
     stats = docs.stats
     eval_batches = None
     if c.data.get("eval_source"):
         ev = data_lib.make_dataset(c.data.eval_source, tok, seq_len, mode=c.data.get("mode", "text"),
                                    field=c.data.get("field", None) or None,
                                    separator=separator).pack()
-        n_eval = min(int(c.get("eval_batches", 4)) * per_process_batch, len(ev["inputs"]) // per_process_batch
-                     * per_process_batch)
-        eval_batches = [{k: v[i:i + per_process_batch] for k, v in ev.items()}
-                        for i in range(0, n_eval, per_process_batch)]
+        n_eval = min(int(c.get("eval_batches", 4)) * global_rows, len(ev["inputs"]) // global_rows * global_rows)
+        eval_batches = [{k: v[i:i + global_rows] for k, v in ev.items()} for i in range(0, n_eval, global_rows)]
 
     ocfg = OptimConfig(total_steps=steps, **{k: v for k, v in c.optim.items()})
     tx = make_optimizer(ocfg)
@@ -403,23 +387,21 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                            n_params=tree_size(trainable) + tree_size(frozen), opt_bytes=tree_bytes(state["opt_state"]),
                            source=str(c.data.source), stats=stats, separator=sep,
                            sft=c.data.get("mode", "text") == "sft", tokenizer=tok,
-                           rows_per_epoch=None if rows_per_epoch is None else rows_per_epoch * jax.process_count(),
+                           rows_per_epoch=rows_per_epoch,
                            global_batch=int(c.batch_size),
                            steps=steps, epochs=float(c.get("epochs", 0) or 0), workdir=workdir, latest=latest,
                            resume=bool(c.checkpoint.get("resume", True))), flush=True)
     if latest is not None and c.checkpoint.get("resume", True):
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, data_state, start = ckpt.restore(abstract, meta)
-        data_lib.set_state(loader, data_state)
+        state, start = ckpt.restore(abstract, loader, meta)
         if is_main:
             print(f"resumed from step {start}", flush=True)
 
     def eval_loss(st) -> float:
         tot, cnt = 0.0, 0.0
         for b in eval_batches:
-            b = jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, b_sh)
-            l, w = _eval_fn(st["trainable"], frozen, b)
-            tot, cnt = tot + float(l), cnt + float(w)
+            l, w = _eval_fn(st["trainable"], frozen, multihost.global_batch(b, b_sh, global_rows))
+            tot, cnt = tot + multihost.replicated_value(l), cnt + multihost.replicated_value(w)
         return tot / max(cnt, 1.0)
 
     _eval_fn = jax.jit(functools.partial(loss_sums, sc=StepConfig(cfg, dtype=c.dtype)))
@@ -449,9 +431,9 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
         while step < steps:
             t_step = time.perf_counter()
             batch = next(loader)
-            batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, b_sh)
-            state, m = step_fn(state, frozen, batch)
-            loss = float(m["loss"])
+            state, m = step_fn(state, frozen, multihost.global_batch(batch, b_sh, global_rows))
+            m = {k: float(multihost.replicated_value(v)) for k, v in m.items()}
+            loss = m["loss"]
             step += 1
             if not math.isfinite(loss):
                 raise SlayerError(f"step {step}: loss is {loss}; stopping. The last good checkpoint "
@@ -485,7 +467,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
             if step % int(c.checkpoint.every) == 0 or step == steps:
-                ckpt.save(step, state, data_lib.get_state(loader), meta)
+                ckpt.save(step, state, loader, meta)
     finally:
         bar.close()
         ckpt.close()

@@ -1,0 +1,156 @@
+"""Several JAX processes (multi-controller SPMD): start-up, global batches, values every process can read.
+
+One process per host (TPU VM worker, GPU node or SLURM task) runs the same program; the mesh
+spans every device of every process. This module holds what that needs beyond one process:
+
+- :func:`initialize`: ``jax.distributed.initialize`` from the config's ``distributed`` block, a
+  generic environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``),
+  SLURM or Cloud TPU metadata (JAX's own cluster detection), with a one-line error for a partial
+  or wrong setting;
+- :func:`local_rows` and :func:`global_batch`: every process reads the same global batch order
+  and feeds only the rows its devices hold (``jax.make_array_from_process_local_data``), so a run
+  gives the same batches whatever the number of processes;
+- :func:`require_shared_dir`: a workdir every process can see (shared disk or gs://), refused at
+  start, on every process, when it is not, instead of a checkpoint save that waits forever;
+- :func:`scalar`: a replicated result as a Python number on every process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from slayer_jax.errors import SlayerError
+
+ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _int(value: Any, what: str, lo: int) -> int:
+    try:
+        out = int(str(value).strip())
+    except ValueError:
+        out = lo - 1
+    if out < lo:
+        raise SlayerError(f"{what} is {value!r}; expected an integer >= {lo}")
+    return out
+
+
+def _address(value: str, what: str) -> str:
+    host, _, port = str(value).strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SlayerError(f"{what} is {value!r}; expected HOST:PORT of process 0 (e.g. 10.0.0.2:8476)")
+    return f"{host}:{port}"
+
+
+def launch_settings(cd: Mapping | None = None, env: Mapping[str, str] | None = None) -> dict | None:
+    """The ``jax.distributed.initialize`` arguments this launch asks for; ``{}`` = let JAX detect
+    the cluster (SLURM, Cloud TPU pod); ``None`` = one process. Raises a one-line SlayerError for a
+    partial or malformed setting."""
+    env = os.environ if env is None else env
+    cd = dict(cd or {})
+    keys = ("coordinator", "num_processes", "process_id")
+    if cd.get("coordinator") or int(cd.get("num_processes", 0) or 0) or int(cd.get("process_id", -1)) >= 0:
+        names = {k: f"config key 'distributed.{k}'" for k in keys}
+        values = {k: cd.get(k) for k in keys}
+        unset = {"coordinator": "", "num_processes": 0, "process_id": -1}
+        missing = [k for k in keys if values[k] in (None, unset[k])]
+        together = "distributed.coordinator, distributed.num_processes and distributed.process_id go together"
+    elif any(env.get(k) for k in ENV):
+        names = {k: f"environment variable {e}" for k, e in zip(keys, ENV)}
+        values = {k: env.get(e) for k, e in zip(keys, ENV)}
+        missing = [k for k in keys if not values[k]]
+        together = f"{', '.join(ENV)} go together (or use SLURM / Cloud TPU, which JAX detects itself)"
+    elif _int(env.get("SLURM_NTASKS") or 1, "environment variable SLURM_NTASKS", 1) > 1 or len(
+            [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return {}
+    else:
+        return None
+    if missing:
+        raise SlayerError(f"{names[missing[0]]} is not set; {together}")
+    n = _int(values["num_processes"], names["num_processes"], 1)
+    i = _int(values["process_id"], names["process_id"], 0)
+    if i >= n:
+        raise SlayerError(f"{names['process_id']} is {i}; expected 0..{n - 1} (the number of processes is {n})")
+    return {"coordinator_address": _address(values["coordinator"], names["coordinator"]),
+            "num_processes": n, "process_id": i}
+
+
+def initialize(cd: Mapping | None = None) -> bool:
+    """Join the other processes (before any JAX computation). Returns True when there are several."""
+    settings = launch_settings(cd)
+    if settings is None:
+        return False
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    try:
+        jax.distributed.initialize(**settings, initialization_timeout=int(os.environ.get("SLAYER_INIT_TIMEOUT", 300)))
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlayerError(f"jax.distributed.initialize({', '.join(f'{k}={v}' for k, v in settings.items())}) "
+                          f"failed: {first}") from None
+    return jax.process_count() > 1
+
+
+def local_rows(sharding: jax.sharding.Sharding, global_rows: int) -> slice:
+    """The contiguous rows of a ``[global_rows, ...]`` batch that this process's devices hold."""
+    index = sharding.addressable_devices_indices_map((global_rows,))
+    starts = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop) for s in index.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    covered = sum(b - a for a, b in starts)
+    if covered != hi - lo:
+        raise SlayerError(f"mesh: this process's devices hold rows {starts} of the batch, not one contiguous block; "
+                          f"order the mesh devices by process")
+    return slice(lo, hi)
+
+
+def global_batch(rows: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding,
+                 global_rows: int) -> dict[str, jax.Array]:
+    """One global array per field from the whole global batch every process holds (``rows``):
+    each process hands over only its own rows."""
+    mine = local_rows(sharding, global_rows)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v[mine]), (global_rows, *v.shape[1:]))
+            for k, v in rows.items()}
+
+
+def replicated_value(x: jax.Array) -> np.ndarray:
+    """A replicated (or single-process) result as a host array, on every process: no transfer
+    between processes (``device_get`` refuses arrays that span other processes' devices)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError(f"array of shape {x.shape} is sharded over other processes' devices; gather it first")
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
+def require_shared_dir(path, what: str = "workdir") -> None:
+    """Every process must see the same ``path`` (checkpoints are written by all processes into one
+    directory). Process 0 writes a token, every process looks for it, and all agree before any
+    raises, so none is left waiting at a barrier."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    from etils import epath
+
+    path = epath.Path(path)
+    token = int(multihost_utils.broadcast_one_to_all(np.int64(np.random.SeedSequence().entropy % (2**62))))
+    probe = path / f".shared-check-{token}"
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text(str(token))
+    multihost_utils.sync_global_devices(f"slayer-shared-dir-{token}")
+    try:
+        seen = probe.exists() and probe.read_text() == str(token)
+    except OSError:
+        seen = False
+    seen_all = np.asarray(multihost_utils.process_allgather(np.int32(seen)))
+    multihost_utils.sync_global_devices(f"slayer-shared-dir-done-{token}")
+    if jax.process_index() == 0:
+        probe.unlink(missing_ok=True)
+    if not seen_all.all():
+        blind = [int(i) for i in np.flatnonzero(seen_all == 0)]
+        raise SlayerError(f"{what} {path}: processes {blind} of {jax.process_count()} cannot see what process 0 wrote "
+                          f"there; every process writes one checkpoint, so it must be a shared filesystem or gs://")

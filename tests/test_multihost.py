@@ -1,0 +1,217 @@
+"""Training as several JAX processes, as on a pod: 2 processes x 2 CPU devices on localhost, the
+mesh spanning both, against 1 process x 4 devices on the same global batches.
+
+Tolerance: the losses and parameters of 2 processes equal 1 process's to float32 rounding
+(rtol 2e-5), not bit for bit: XLA reduces a sum over 4 devices with one all-reduce inside one
+process but with a cross-process (gloo) all-reduce otherwise, in another order. A run resumed
+after SIGKILL on the same processes is compared bit for bit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import multiproc as mp
+from slayer_jax.errors import SlayerError
+from slayer_jax.multihost import launch_settings
+
+CONFIG = str(mp.REPO / "configs" / "smollm2_slayer.py")
+
+
+# ----------------------------------------------------------------------------- start-up settings
+def test_launch_settings_read_the_generic_environment_and_the_config():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert launch_settings(None, env) == {"coordinator_address": "10.0.0.2:8476", "num_processes": 4,
+                                          "process_id": 3}
+    cd = {"coordinator": "h:1", "num_processes": 2, "process_id": 0}
+    assert launch_settings(cd, env) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+    assert launch_settings(None, {}) is None
+    assert launch_settings(None, {"SLURM_NTASKS": "1"}) is None
+    assert launch_settings(None, {"SLURM_NTASKS": "8"}) == {}  # JAX's SLURM detection
+    assert launch_settings(None, {"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == {}  # Cloud TPU metadata
+
+
+@pytest.mark.parametrize("cd,env,line", [
+    (None, {"JAX_COORDINATOR_ADDRESS": "h:1"},
+     "environment variable JAX_NUM_PROCESSES is not set; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID "
+     "go together"),
+    (None, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "environment variable JAX_COORDINATOR_ADDRESS is not set"),
+    (None, {"JAX_COORDINATOR_ADDRESS": "h", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     "environment variable JAX_COORDINATOR_ADDRESS is 'h'; expected HOST:PORT"),
+    (None, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "environment variable JAX_PROCESS_ID is 2; expected 0..1"),
+    (None, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "environment variable JAX_NUM_PROCESSES is 'two'; expected an integer >= 1"),
+    ({"coordinator": "h:1", "num_processes": 0, "process_id": -1}, {},
+     "config key 'distributed.num_processes' is not set"),
+    (None, {"SLURM_NTASKS": "many"}, "environment variable SLURM_NTASKS is 'many'"),
+])
+def test_a_partial_or_wrong_launch_setting_is_one_line(cd, env, line):
+    with pytest.raises(SlayerError) as e:
+        launch_settings(cd, env)
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_partial_environment_through_the_cli_exits_2_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    env = mp.env_for(0, 1, 1, 0, JAX_COORDINATOR_ADDRESS="127.0.0.1:1")
+    r = subprocess.run([sys.executable, *mp.train_argv(CONFIG, {"workdir": tmp_path / "w"})], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=mp.REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "environment variable JAX_NUM_PROCESSES is not set" in r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tiny_tok import make_exported_model
+
+    work = tmp_path_factory.mktemp("multihost")
+    make_exported_model(work / "model", layers=4)
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for p in sorted(Path(json.__file__).parent.glob("*.py"))[:6]:
+        shutil.copy(p, corpus / p.name)
+    return work
+
+
+def overrides(work: Path, name: str, mesh: str, steps: int = 6, **extra) -> dict:
+    return {"model": work / "model", "workdir": work / name, "export_dir": work / name / "hf", "steps": steps,
+            "batch_size": 8, "data.source": work / "corpus", "data.seq_len": 64, "plan.expand": 1, "log_every": 1,
+            "eval_every": 1000, "checkpoint.every": 2, "checkpoint.keep": 2, "mesh": mesh, **extra}
+
+
+def train(work: Path, name: str, n: int, devices: int, mesh: str, timeout: float = 600, **extra):
+    procs = mp.start(mp.train_argv(CONFIG, overrides(work, name, mesh, **extra)), n, devices, work / f"{name}.logs")
+    codes = mp.wait(procs, timeout)
+    assert codes == [0] * n, mp.logs(work / f"{name}.logs", n)
+    return work / name
+
+
+def records(workdir: Path) -> dict[int, dict]:
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r  # the last occurrence wins (steps redone after a resume)
+    return out
+
+
+def weights(export: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(export / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    return train(setup, "one", 1, 4, "fsdp=4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["fsdp=4", "data=2,fsdp=2"])
+def test_two_processes_train_as_one(setup, one_process, mesh):
+    two = train(setup, f"two_{mesh.replace(',', '_').replace('=', '')}", 2, 2, mesh)
+    ref, got = records(one_process), records(two)
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    for s in ref:
+        for k in ("loss", "grad_norm", "tokens"):
+            np.testing.assert_allclose(got[s][k], ref[s][k], rtol=2e-5, err_msg=f"step {s} {k}")
+    w_ref, w_got = weights(one_process / "hf"), weights(two / "hf")
+    assert sorted(w_got) == sorted(w_ref)
+    moved = 0
+    for name in w_ref:
+        np.testing.assert_allclose(w_got[name], w_ref[name], rtol=2e-5, atol=1e-7, err_msg=name)
+    base = weights(setup / "model")
+    moved = sum(not np.array_equal(w_ref[n], base[n]) for n in base if n in w_ref and w_ref[n].shape == base[n].shape)
+    assert moved > 0  # training changed the new block (the comparison is not of two untouched copies)
+    # process 1 wrote neither metrics nor TensorBoard logs twice: one line per step
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 6
+    # each process saved its own data iterator state
+    assert sorted(p.name for p in (two / "checkpoints" / "6" / "data").glob("process_*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.slow
+def test_two_processes_export_loads_in_transformers_with_the_same_logits(setup):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slayer_jax.io.hf import load_hf
+    from slayer_jax.model import forward
+
+    two = setup / "two_fsdp4" / "hf"
+    if not two.exists():
+        train(setup, "two_fsdp4", 2, 2, "fsdp=4")
+    params, cfg, tok = load_hf(two, progress=False)
+    ids = np.asarray([tok("def load(path):\n    return json.loads(path.read_text())")["input_ids"]])
+    ours = np.asarray(forward(params, ids, cfg))
+    hf = AutoModelForCausalLM.from_pretrained(str(two), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(ids)).logits.numpy()
+    assert cfg and len(params["layers"]) == 5
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_both_processes_and_resume_bit_for_bit(setup):
+    steps = 8
+    ref = train(setup, "uninterrupted", 2, 2, "fsdp=4", steps=steps)
+    name = "killed"
+    o = overrides(setup, name, "fsdp=4", steps=steps)
+    procs = mp.start(mp.train_argv(CONFIG, o), 2, 2, setup / f"{name}.logs")
+    metrics = setup / name / "metrics.jsonl"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+                break
+            if any(p.poll() is not None for p in procs):
+                pytest.fail("training ended before it could be killed:\n" + mp.logs(setup / f"{name}.logs", 2))
+            time.sleep(0.05)
+    finally:
+        mp.kill(procs)  # SIGKILL to both process groups
+    done = len(metrics.read_text().splitlines())
+    assert done < steps
+    resumed = train(setup, name, 2, 2, "fsdp=4", steps=steps)
+    log0 = (setup / f"{name}.logs" / "proc0.log").read_text()
+    assert "resuming from it" in log0 and "resumed from step" in log0
+    a, b = records(ref), records(resumed)
+    assert sorted(b) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert b[s]["loss"] == a[s]["loss"] and b[s]["grad_norm"] == a[s]["grad_norm"], s
+    w_a, w_b = weights(ref / "hf"), weights(resumed / "hf")
+    for n in w_a:
+        assert np.array_equal(w_a[n], w_b[n]), n
+
+
+@pytest.mark.slow
+def test_one_workdir_per_process_is_refused_at_start_not_a_hang(setup):
+    name = "split"
+    port = mp.free_port()
+    import subprocess
+    import sys
+
+    procs = []
+    for i in range(2):  # what TPU workers' own disks give: the same path, different filesystems
+        o = overrides(setup, f"{name}/host{i}", "fsdp=4")
+        log = open(setup / f"{name}_proc{i}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, *mp.train_argv(CONFIG, o)], env=mp.env_for(i, 2, 2, port),
+                                      stdout=log, stderr=subprocess.STDOUT, cwd=mp.REPO, start_new_session=True))
+    t0 = time.time()
+    codes = mp.wait(procs, 300)
+    out = [(setup / f"{name}_proc{i}.log").read_text() for i in range(2)]
+    assert codes == [2, 2], out
+    for text in out:
+        assert "Traceback" not in text
+        assert "processes [1] of 2 cannot see what process 0 wrote there" in text
+    assert time.time() - t0 < 300
+    assert not any((setup / name / f"host{i}" / "checkpoints").exists() for i in range(2))
