@@ -200,6 +200,29 @@ def cmd_demo(a: argparse.Namespace) -> int:
                     first_seed=a.first_seed, importance_windows=a.importance_windows, eval_windows=a.eval_windows)
 
 
+def cmd_data_prepare(a: argparse.Namespace) -> int:
+    import time
+
+    from slayer_jax.prepare import load_tokenizer_arg, prepare_corpus
+
+    if a.seq_len < 2:
+        raise SlayerError(f"--seq-len: {a.seq_len}; expected an integer > 1")
+    if a.shards < 1:
+        raise SlayerError(f"--shards: {a.shards}; expected a positive integer")
+    _refuse_existing(a.out, a.overwrite)
+    tok = load_tokenizer_arg(a.tokenizer)
+    t0 = time.perf_counter()
+    m = prepare_corpus(a.source, tok, a.out, seq_len=a.seq_len, mode=a.mode, field=a.field, split=a.split,
+                       separator=a.separator, long_docs=a.long_docs, shards=a.shards, packing_bins=a.packing_bins,
+                       seed=a.seed, tokenizer_name=a.tokenizer, sha256=a.sha256, overwrite=a.overwrite,
+                       progress=not a.quiet)
+    c, dt = m["counts"], time.perf_counter() - t0
+    print(f"prepared {a.out}: {c['documents']:,} documents -> {c['pieces']:,} pieces, {c['tokens']:,} tokens "
+          f"({c['loss_tokens']:,} in the loss) in {c['rows']:,} rows of {m['seq_len']} (fill {c['fill']:.1%}), "
+          f"{len(m['shards'])} shards; {c['tokens'] / max(dt, 1e-9):,.0f} tokens/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slayer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -253,6 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compile a model with this many original layers (same widths) to fit a small host")
     pl.add_argument("--json", default=None, help="also write the report here")
     pl.set_defaults(fn=cmd_plan, wants_extra=True)
+
+    da = sub.add_parser("data", help="corpus tools: `slayer data prepare` tokenises and packs a corpus once")
+    dsub = da.add_subparsers(dest="data_cmd", required=True)
+    pr = dsub.add_parser("prepare", help="tokenise + pack a corpus once into sharded ArrayRecord files + manifest.json",
+                         description="Tokenise and pack SOURCE once into OUT/rows-*.array_record and OUT/manifest.json; "
+                                     "train on it with --config.data.source=OUT (or OUT_A@1.0;OUT_B@1.5).")
+    pr.add_argument("source", help=".txt/.md/.py/.jsonl/.parquet/.json/.csv/.arrow file, a directory, or a datasets "
+                                   "name (what data.source takes)")
+    pr.add_argument("--tokenizer", required=True, help="the model training uses: HF dir, slayer checkpoint, "
+                                                       ".gguf or 'default'")
+    pr.add_argument("--out", required=True, help="output directory (written atomically)")
+    pr.add_argument("--seq-len", type=int, required=True)
+    pr.add_argument("--mode", choices=("text", "sft"), default="text")
+    pr.add_argument("--field", default=None, help="text / messages field (default: text, or messages for sft)")
+    pr.add_argument("--split", default="train")
+    pr.add_argument("--separator", default="auto", help="after each raw-text document: auto | eos | none | a token")
+    pr.add_argument("--long-docs", choices=("split", "drop", "error"), default=None,
+                    help="documents longer than seq-len (default: split for text, drop for sft)")
+    pr.add_argument("--shards", type=int, default=1, help="output files (rows go round-robin)")
+    pr.add_argument("--packing-bins", type=int, default=64, help="rows the best-fit packer keeps open")
+    pr.add_argument("--seed", type=int, default=0, help="the one-time document shuffle and packer seed")
+    pr.add_argument("--sha256", action="store_true", help="record the sha256 of every input file")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(fn=cmd_data_prepare)
 
     from slayer_jax.importance import add_cli as add_importance_cli
 

@@ -45,14 +45,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.plan.train_head = False
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = ""  # .txt / dir / .jsonl / .parquet / datasets name
+    # .txt / dir / .jsonl / .parquet / datasets name (tokenised in memory), or a `slayer data prepare`
+    # directory (streamed); a mixture "DIR_A@1.0;DIR_B@1.5" (weights in rows; all prepared or all raw)
+    c.data.source = ""
     c.data.eval_source = ""
     c.data.mode = "text"  # text | sft
     c.data.field = ""
     c.data.seq_len = 512
     c.data.separator = "auto"  # after each raw-text document: auto (end-of-text token) | eos | none | a token
     c.data.packing_bins = 0  # rows the packer keeps open (0 = max(16, per-process batch))
-    c.data.mixture = ""  # documentation of the paper-scale corpus mixture (see configs/)
+    # The record of the upstream corpora a recipe mixes (HF names@weight, see configs/); not read by
+    # training: prepare each with `slayer data prepare`, then set data.source to "DIR_A@w;DIR_B@w".
+    c.data.mixture = ""
 
     c.optim = ml_collections.ConfigDict()  # LLaMA Pro defaults
     c.optim.peak_lr = 2e-4
@@ -69,6 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.resume = True
     c.checkpoint.hash_base = True
+
+    # Several JAX processes (TPU pod hosts, GPU nodes). Empty = from the environment: Cloud TPU
+    # metadata, SLURM, or JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # host:port of process 0
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
     return c
 
 
@@ -112,6 +123,14 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
             for part in key.split("."):
                 value = value[part]
             raise SlayerError(f"{source}: config key '{key}' is {value!r}; expected {want}")
+    if str(c.data.get("source", "") or "").strip():
+        from slayer_jax.data import parse_sources
+
+        try:
+            parse_sources(c.data.source)
+        except SlayerError:
+            raise SlayerError(f"{source}: config key 'data.source' is {c.data.source!r}; expected SOURCE or "
+                              f"SOURCE@WEIGHT;SOURCE@WEIGHT;... with positive weights") from None
     mesh = parse_mesh(c.mesh)
     if sum(v == -1 for v in mesh.values()) > 1 or any(v == 0 or v < -1 for v in mesh.values()):
         raise SlayerError(f"{source}: config key 'mesh' is {c.mesh!r}; expected positive sizes, at most one -1")

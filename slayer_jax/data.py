@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -167,14 +169,6 @@ def _load_hf_dataset(source: str, split: str, *, saved: bool = False, builder: s
     return ds
 
 
-def _column(ds, source: str, field: str) -> list:
-    names = list(ds.column_names)
-    if field not in names:
-        raise SlayerError(f"{source}: no column '{field}' (columns: {', '.join(names)}); "
-                          f"expected a text column named '{field}'")
-    return ds[field]
-
-
 def load_documents(source: str | os.PathLike, *, field: str = "text", split: str = "train") -> DocumentList:
     """The non-empty documents of ``source``, in a fixed order.
 
@@ -199,18 +193,46 @@ def load_documents(source: str | os.PathLike, *, field: str = "text", split: str
     document raises :class:`SlayerError` with one line naming the file, the line or field, and
     what was expected.
     """
+    counts = {"empty": 0}
+    docs = list(iter_documents(source, field=field, split=split, counts=counts))
+    return DocumentList(docs, source=str(source), num_empty=counts["empty"])
+
+
+def _dataset_column(ds, source: str, field: str, batch: int = 4096) -> Iterator[Any]:
+    """Column ``field`` of a datasets ``Dataset``, read ``batch`` rows at a time."""
+    names = list(ds.column_names)
+    if field not in names:
+        raise SlayerError(f"{source}: no column '{field}' (columns: {', '.join(names)}); "
+                          f"expected a text column named '{field}'")
+    for i in range(0, len(ds), batch):
+        yield from ds[i: i + batch][field]
+
+
+def iter_documents(source: str | os.PathLike, *, field: str = "text", split: str = "train",
+                   counts: dict | None = None) -> Iterator[str]:
+    """:func:`load_documents` as a stream: the non-empty documents one at a time (a file or a
+    batch of dataset rows in memory at once, never the corpus). ``counts["empty"]`` (when given)
+    counts the skipped empty ones; the same one-line errors, "no non-empty documents" at the end."""
     src = str(source)
     path = Path(src).expanduser()
-    docs: list[str] = []
-    empty = 0
+    counts = {} if counts is None else counts
+    counts.setdefault("empty", 0)
+    found = 0
 
-    def add(value: Any, where: str) -> None:
-        nonlocal empty
+    def keep(value: Any, where: str) -> str | None:
+        nonlocal found
         doc = _check_doc(value, where, field)
         if doc is None:
-            empty += 1
+            counts["empty"] += 1
         else:
-            docs.append(doc)
+            found += 1
+        return doc
+
+    def rows(ds, name: str) -> Iterator[str]:
+        for i, v in enumerate(_dataset_column(ds, name, field)):
+            d = keep(v, f"{name}: row {i}")
+            if d is not None:
+                yield d
 
     suffix = path.suffix.lower()
     if path.is_file():
@@ -218,62 +240,63 @@ def load_documents(source: str | os.PathLike, *, field: str = "text", split: str
             raise SlayerError(f"{path}: file is empty; expected at least one document")
         if suffix == ".txt":
             for i, d in enumerate(split_txt(_read_text(path)), 1):
-                add(d, f"{path}: document {i}")
+                if keep(d, f"{path}: document {i}") is not None:
+                    yield d
         elif suffix in (".md", ".py"):
-            add(_read_text(path), str(path))
+            d = keep(_read_text(path), str(path))
+            if d is not None:
+                yield d
         elif suffix == ".jsonl":
             for lineno, obj in _iter_jsonl(path):
                 if field not in obj:
                     raise SlayerError(f"{path}:{lineno}: no field '{field}' (fields: {', '.join(obj) or 'none'}); "
                                       f"expected a string field '{field}'")
-                add(obj[field], f"{path}:{lineno}")
+                if keep(obj[field], f"{path}:{lineno}") is not None:
+                    yield obj[field]
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
             try:
-                schema = pq.read_schema(path)
+                pf = pq.ParquetFile(path)
             except Exception as e:  # noqa: BLE001
                 raise SlayerError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
-            if field not in schema.names:
-                raise SlayerError(f"{path}: no column '{field}' (columns: {', '.join(schema.names)}); "
+            names = pf.schema_arrow.names
+            if field not in names:
+                raise SlayerError(f"{path}: no column '{field}' (columns: {', '.join(names)}); "
                                   f"expected a string column '{field}'")
-            col = pq.read_table(path, columns=[field]).column(field)
-            for i, v in enumerate(col.to_pylist()):
-                add(v, f"{path}: row {i}")
+            i = 0
+            for batch in pf.iter_batches(columns=[field], batch_size=4096):
+                for v in batch.column(0).to_pylist():
+                    if keep(v, f"{path}: row {i}") is not None:
+                        yield v
+                    i += 1
         elif suffix in DATASET_SUFFIXES:
-            ds = _load_hf_dataset(str(path), split, builder=DATASET_SUFFIXES[suffix])
-            for i, v in enumerate(_column(ds, str(path), field)):
-                add(v, f"{path}: row {i}")
+            yield from rows(_load_hf_dataset(str(path), split, builder=DATASET_SUFFIXES[suffix]), str(path))
         else:
             raise SlayerError(f"{path}: unsupported file type '{suffix}'; expected .txt, .md, .py, .jsonl, "
                               f".parquet, .json, .csv, .arrow, a directory or a datasets name")
     elif path.is_dir():
         if _is_saved_dataset(path):
-            ds = _load_hf_dataset(str(path), split, saved=True)
-            for i, v in enumerate(_column(ds, str(path), field)):
-                add(v, f"{path}: row {i}")
+            yield from rows(_load_hf_dataset(str(path), split, saved=True), str(path))
         else:
             files = _text_files(path)
             if files:
                 for f in files:
-                    add(_read_text(f), str(f))
+                    d = keep(_read_text(f), str(f))
+                    if d is not None:
+                        yield d
             else:
                 if not any(p.is_file() for p in path.rglob("*")):
                     raise SlayerError(f"{path}: directory has no files; expected .txt/.md/.py files or data files")
-                ds = _load_hf_dataset(str(path), split)
-                for i, v in enumerate(_column(ds, str(path), field)):
-                    add(v, f"{path}: row {i}")
+                yield from rows(_load_hf_dataset(str(path), split), str(path))
     else:
         looks_like_path = suffix in (".txt", ".md", ".py", ".jsonl", ".parquet", *DATASET_SUFFIXES) \
             or src.startswith((".", "/", "~")) or os.sep + os.sep in src
         if looks_like_path:
             raise SlayerError(f"{src}: no such file or directory")
-        ds = _load_hf_dataset(src, split)
-        for i, v in enumerate(_column(ds, src, field)):
-            add(v, f"{src}: row {i}")
-    if not docs:
-        raise SlayerError(f"{src}: no non-empty documents ({empty} empty); expected text in field '{field}'")
-    return DocumentList(docs, source=src, num_empty=empty)
+        yield from rows(_load_hf_dataset(src, split), src)
+    if not found:
+        raise SlayerError(f"{src}: no non-empty documents ({counts['empty']} empty); expected text in field '{field}'")
 
 
 # ============================================================================ chats (SFT)
@@ -317,17 +340,22 @@ def load_chat_jsonl(path: str | os.PathLike) -> list[list[dict]]:
 
 def load_chats(source: str | os.PathLike, *, field: str = "messages", split: str = "train") -> list[list[dict]]:
     """Conversations from a chat ``.jsonl`` file, or from column ``field`` of a datasets source."""
+    return list(iter_chats(source, field=field, split=split))
+
+
+def iter_chats(source: str | os.PathLike, *, field: str = "messages", split: str = "train") -> Iterator[list[dict]]:
+    """:func:`load_chats` as a stream, one conversation at a time."""
     src = str(source)
     if Path(src).suffix.lower() == ".jsonl":
         if field != "messages":
             path = Path(src).expanduser()
-            chats = []
             for lineno, obj in _iter_jsonl(path):
                 if field not in obj:
                     raise SlayerError(f"{path}:{lineno}: no field '{field}'; expected a list of messages")
-                chats.append(check_messages(obj[field], f"{path}:{lineno}"))
-            return chats
-        return load_chat_jsonl(src)
+                yield check_messages(obj[field], f"{path}:{lineno}")
+            return
+        yield from load_chat_jsonl(src)
+        return
     p = Path(src).expanduser()
     if p.is_dir() and _is_saved_dataset(p):
         ds = _load_hf_dataset(str(p), split, saved=True)
@@ -337,7 +365,8 @@ def load_chats(source: str | os.PathLike, *, field: str = "messages", split: str
         ds = _load_hf_dataset(str(p), split, builder="parquet")
     else:
         ds = _load_hf_dataset(src, split)
-    return [check_messages(m, f"{src}: row {i}") for i, m in enumerate(_column(ds, src, field))]
+    for i, m in enumerate(_dataset_column(ds, src, field)):
+        yield check_messages(m, f"{src}: row {i}")
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -503,29 +532,46 @@ def tokenize_documents(tokenizer, docs: Sequence[str], *, add_bos: bool | None =
     model to end ordinary prose with it). Pass the result to :meth:`Documents.from_token_lists`
     without ``bos_id``/``eos_id``.
     """
+    bos, eos = _bos_sep(tokenizer, add_bos, separator)
+    return list(_tokenized(tokenizer, iter(docs), bos, eos, batch_size, progress))
+
+
+def _tokenized(tokenizer, docs: Iterator[str], bos: list[int], eos: list[int], batch_size: int,
+               progress: bool = False) -> Iterator[np.ndarray]:
+    """``bos + tokens(doc) + eos`` per document of the stream, tokenised ``batch_size`` at a time."""
+    import itertools
+
+    bar = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast path, and no "longer than max length" warning
+    try:
+        while True:
+            batch = list(itertools.islice(docs, batch_size))  # a bad source fails here, before any bar
+            if not batch:
+                break
+            if progress and bar is None:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(desc="tokenize", unit="doc")
+            if backend is not None:
+                rows = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
+            else:
+                rows = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            for ids in rows:
+                yield np.asarray(bos + list(ids) + eos, np.int32)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bos_sep(tokenizer, add_bos: bool | None, separator) -> tuple[list[int], list[int]]:
     if add_bos is None:
         add_bos = _bos_by_default(tokenizer)
     if add_bos and tokenizer.bos_token_id is None:
         raise SlayerError("tokenizer: no bos_token; expected one for add_bos=True")
     sep = separator_id(tokenizer, separator)
-    bos = [tokenizer.bos_token_id] if add_bos else []
-    eos = [] if sep is None else [sep]
-    out = []
-    starts = range(0, len(docs), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="tokenize", unit="batch")
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast path, and no "longer than max length" warning
-    for i in starts:
-        batch = list(docs[i: i + batch_size])
-        if backend is not None:
-            rows = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
-        else:
-            rows = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for ids in rows:
-            out.append(np.asarray(bos + list(ids) + eos, np.int32))
-    return out
+    return ([tokenizer.bos_token_id] if add_bos else []), ([] if sep is None else [sep])
 
 
 # ============================================================================ pack
@@ -566,9 +612,23 @@ def _segments(token_lists, loss_masks, seq_len, bos_id, eos_id, long_docs, stats
 
     Applies BOS/EOS and the long-document rule, and validates the token lists.
     """
+    masks = itertools.repeat(None) if loss_masks is None else loss_masks
+    yield from _segments_of(zip(token_lists, masks), seq_len, bos_id, eos_id, long_docs, stats)
+
+
+def _segments_of(docs, seq_len, bos_id, eos_id, long_docs, stats):
+    """:func:`_segments` over a stream of (token list, loss mask or None) pairs; adds each piece
+    to ``stats.tokens`` / ``stats.loss_tokens`` too."""
     pre = np.asarray([] if bos_id is None else [int(bos_id)], np.int32)
     post = np.asarray([] if eos_id is None else [int(eos_id)], np.int32)
-    for d, toks in enumerate(token_lists):
+    for piece, mask in _segments_raw(docs, pre, post, seq_len, long_docs, stats):
+        stats.tokens += int(piece.size)
+        stats.loss_tokens += int(piece.size - 1 if mask is None else int(mask[1:].sum()))
+        yield piece, mask
+
+
+def _segments_raw(docs, pre, post, seq_len, long_docs, stats):
+    for d, (toks, mask) in enumerate(docs):
         toks = np.asarray(toks)
         if toks.ndim != 1 or (toks.size and not np.issubdtype(toks.dtype, np.integer)):
             raise SlayerError(f"document {d}: token list has shape {toks.shape} and dtype {toks.dtype}; "
@@ -579,9 +639,8 @@ def _segments(token_lists, loss_masks, seq_len, bos_id, eos_id, long_docs, stats
         lo, hi = int(toks.min()), int(toks.max())
         if lo < 0 or hi > _INT32_MAX:
             raise SlayerError(f"document {d}: token id {lo if lo < 0 else hi} out of range; expected 0 <= id < 2**31")
-        mask = None
-        if loss_masks is not None:
-            mask = np.asarray(loss_masks[d], np.int8)
+        if mask is not None:
+            mask = np.asarray(mask, np.int8)
             if mask.shape != toks.shape:
                 raise SlayerError(f"document {d}: loss mask has shape {mask.shape}; expected {toks.shape}")
         if pre.size or post.size:
@@ -659,9 +718,9 @@ class Documents:
         for toks, mask in _segments(token_lists, loss_masks, int(seq_len), bos_id, eos_id, long_docs, stats):
             pieces.append(toks)
             masks.append(mask)
-        stats.tokens = int(sum(p.size for p in pieces))
-        stats.loss_tokens = int(sum(p.size - 1 if m is None else int(m[1:].sum()) for p, m in zip(pieces, masks)))
         return cls(pieces, None if loss_masks is None else masks, int(seq_len), stats)
+
+    kind = "pieces"  # make_loader packs these every epoch (a prepared corpus is "rows": packed once)
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -719,7 +778,8 @@ def grain_range(n: int):
     return grain.MapDataset.range(int(n))
 
 
-def _shard_order(n: int, seed: int, shuffle: bool, shard_index: int, shard_count: int, epochs: int | None):
+def _shard_order(n: int, seed: int, shuffle: bool, shard_index: int, shard_count: int, epochs: int | None,
+                 seed_mixed: bool = False):
     """Piece indices this shard reads: a disjoint, strided share (every shard as many), shuffled
     with a seed mixed from ``seed`` and reshuffled every epoch (grain: seed + epoch)."""
     per_shard = n // shard_count
@@ -727,11 +787,12 @@ def _shard_order(n: int, seed: int, shuffle: bool, shard_index: int, shard_count
         raise SlayerError(f"documents: {n} pieces for {shard_count} shards; expected at least one per shard")
     ds = grain_range(per_shard * shard_count)[shard_index::shard_count]
     if shuffle:
-        ds = ds.shuffle(seed=_grain_seed(seed))
+        ds = ds.shuffle(seed=seed if seed_mixed else _grain_seed(seed))
     return ds.repeat(epochs)
 
 
-def _packed_rows(docs: Documents, *, order, seed: int, shuffle_bins: bool, packing_bins: int):
+def _packed_rows(docs: Documents, *, order, seed: int, shuffle_bins: bool, packing_bins: int,
+                 seed_mixed: bool = False):
     """grain pipeline: piece indices -> pieces -> grain's best-fit packer -> rows of ARRAY_KEYS."""
     import grain
 
@@ -739,7 +800,8 @@ def _packed_rows(docs: Documents, *, order, seed: int, shuffle_bins: bool, packi
     packed = grain.experimental.BestFitPackIterDataset(
         order.map(docs.element).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
         length_struct={"inputs": T, "mask": T},
-        num_packing_bins=int(packing_bins), seed=_grain_seed(seed), shuffle_bins=shuffle_bins)
+        num_packing_bins=int(packing_bins), seed=seed if seed_mixed else _grain_seed(seed),
+        shuffle_bins=shuffle_bins)
     return packed.map(packed_row)
 
 
@@ -807,12 +869,60 @@ def default_packing_bins(batch_size: int) -> int:
     return max(16, int(batch_size))
 
 
-def make_loader(docs: Documents, *, batch_size: int, seed: int, shuffle: bool = True,
-                num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
-                packing_bins: int | None = None, prefetch: int = 0):
-    """A resumable iterator of packed batches ``{key: [batch_size, seq_len]}`` over this process's documents.
+@dataclasses.dataclass(eq=False)
+class Mixture:
+    """Several sources of one kind (all :class:`Documents`, or all prepared
+    :class:`~slayer_jax.prepare.PreparedCorpus`) drawn in proportion to ``weights`` (rows)."""
 
-    Shuffle, then pack, every epoch: a grain pipeline whose iterator checkpoints exactly::
+    sources: list
+    weights: list[float]
+
+    def __post_init__(self):
+        if not self.sources or len(self.sources) != len(self.weights):
+            raise SlayerError(f"mixture: {len(self.sources)} sources and {len(self.weights)} weights; "
+                              f"expected at least one source and one weight each")
+        kinds = {getattr(s, "kind", None) for s in self.sources}
+        if len(kinds) != 1 or kinds - {"pieces", "rows"}:
+            raise SlayerError("mixture: mixes prepared directories and raw sources; expected every component "
+                              "prepared with `slayer data prepare`, or none")
+        if len({s.seq_len for s in self.sources}) != 1:
+            raise SlayerError(f"mixture: seq_len {[s.seq_len for s in self.sources]}; expected one seq_len")
+        for w in self.weights:
+            if not (float(w) > 0 and np.isfinite(float(w))):
+                raise SlayerError(f"mixture: weight {w!r}; expected a positive number")
+
+    @property
+    def kind(self) -> str:
+        return self.sources[0].kind
+
+    @property
+    def seq_len(self) -> int:
+        return self.sources[0].seq_len
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def fingerprint(self) -> str:
+        return ",".join(s.fingerprint() for s in self.sources)
+
+
+def _component_seed(seed: int, i: int, n: int) -> int:
+    """Component i's shuffle seed; a lone source keeps :func:`_grain_seed` (seed)."""
+    if n == 1:
+        return _grain_seed(seed)
+    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1, np.uint32)[0])
+
+
+def make_loader(docs, *, batch_size: int, seed: int, shuffle: bool = True,
+                num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
+                packing_bins: int | None = None, prefetch: int = 0, local_rows: slice | None = None):
+    """A resumable iterator of packed batches ``{key: [batch_size, seq_len]}``: this process's share.
+
+    ``batch_size`` is the per-process batch (global = batch_size * shard_count). Shards default to
+    ``jax.process_index()`` / ``jax.process_count()``. ``docs`` is a document source of one of
+    two kinds, or a :class:`Mixture` of sources of one kind:
+
+    **pieces** (:class:`Documents`, in memory): shuffle, then pack, every epoch, per process::
 
         MapDataset.range(pieces)          # piece indices, truncated so every shard gets as many
           [shard_index::shard_count]      # this host's documents: disjoint, strided
@@ -821,23 +931,39 @@ def make_loader(docs: Documents, *, batch_size: int, seed: int, shuffle: bool = 
           .map(piece)                     # {"inputs", "mask"}
           -> grain.experimental.BestFitPackIterDataset(packing_bins open rows, rows emitted in shuffled order)
           .map(packed_row)                # targets, positions, segment ids, loss weights
+          [IterDataset.mix(components, weights)]
           .batch(batch_size, drop_remainder=True)   # batches run across epoch boundaries
 
-    So documents that sit next to each other in the file land in unrelated rows, and in other rows
-    every epoch. ``batch_size`` is the per-process batch (global = batch_size * shard_count).
-    Shards default to ``jax.process_index()`` / ``jax.process_count()``. The state is grain's
-    (the packer restores by replaying from the start of its current window) plus the loader
-    settings and a fingerprint of the documents, which :func:`set_state` checks.
+      So documents that sit next to each other in the file land in unrelated rows, and in other
+      rows every epoch; the rows depend on the process count.
 
-    The returned object is a ``grain.DatasetIterator``: :func:`get_state` / :func:`set_state`
-    (JSON-serialisable dicts) work on it, and so do orbax's ``grain.checkpoint.CheckpointSave`` /
-    ``CheckpointRestore``.
+    **rows** (:class:`slayer_jax.prepare.PreparedCorpus`, packed once by ``slayer data prepare``):
+    rows are sharded *after* a global shuffle, so every process count reads the same global batches::
+
+        MapDataset.range(rows).shuffle(mix(seed)).repeat(num_epochs)   # per component
+          [MapDataset.mix(components, weights)]   # deterministic interleave in proportion to weights
+          .batch(batch_size * shard_count)        # global batch g: row ids, the same on every process
+          .map(read rows [shard_index*batch_size : (shard_index+1)*batch_size] of it)
+          .to_iter_dataset(prefetch threads)
+
+      Each row appears exactly once per epoch across processes; the union of the processes'
+      batches is the 1-process global batch. The state is a global batch index: a run may resume
+      with another process count as long as the global batch is the same. ``packing_bins`` is
+      unused (packing happened at prepare). ``local_rows=slice(lo, hi)`` (rows only, with
+      ``shard_count=1`` and ``batch_size`` = the global batch) reads just rows ``lo:hi`` of each
+      global batch: the rows ``multihost.local_rows`` says this process's devices hold.
+
+    The state is grain's plus the loader settings and a fingerprint of the data, which
+    :func:`set_state` checks. The returned object is a ``grain.DatasetIterator``: :func:`get_state` /
+    :func:`set_state` (JSON-serialisable dicts) work on it, and so do orbax's
+    ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
     """
     import grain
 
-    if not isinstance(docs, Documents):
+    kind = getattr(docs, "kind", None)
+    if not isinstance(docs, (Documents, Mixture)) and kind != "rows":
         raise SlayerError(f"make_loader: got {type(docs).__name__}; expected slayer_jax.data.Documents "
-                          f"(from make_dataset or Documents.from_token_lists)")
+                          f"(from make_dataset or Documents.from_token_lists), a PreparedCorpus or a Mixture")
     if shard_index is None or shard_count is None:
         import jax
 
@@ -853,11 +979,30 @@ def make_loader(docs: Documents, *, batch_size: int, seed: int, shuffle: bool = 
         num_epochs = int(num_epochs)
         if num_epochs < 1:
             raise SlayerError(f"num_epochs: {num_epochs}; expected a positive integer or None (forever)")
+    comps, weights = (docs.sources, [float(w) for w in docs.weights]) if isinstance(docs, Mixture) else ([docs], None)
+    if local_rows is not None and (kind != "rows" or shard_count != 1 or not
+                                   0 <= (local_rows.start or 0) < (local_rows.stop or 0) <= batch_size):
+        raise SlayerError(f"local_rows: {local_rows}; expected a prepared source, shard_count=1 and a non-empty "
+                          f"slice of the global batch of {batch_size}")
+    if kind == "rows":
+        if local_rows is not None:
+            lo, hi = (local_rows.start or 0), local_rows.stop
+            return _row_loader(docs, comps, weights, batch_size=int(batch_size), seed=int(seed), shuffle=bool(shuffle),
+                               num_epochs=num_epochs, shard_index=0, shard_count=1, prefetch=int(prefetch),
+                               rows=(lo, hi))
+        return _row_loader(docs, comps, weights, batch_size=int(batch_size), seed=int(seed), shuffle=bool(shuffle),
+                           num_epochs=num_epochs, shard_index=int(shard_index), shard_count=int(shard_count),
+                           prefetch=int(prefetch))
     bins = default_packing_bins(batch_size) if packing_bins is None else int(packing_bins)
     if bins < 1:
         raise SlayerError(f"packing_bins: {bins}; expected a positive integer")
-    order = _shard_order(len(docs), seed, shuffle, shard_index, shard_count, num_epochs)
-    ds = _packed_rows(docs, order=order, seed=seed, shuffle_bins=shuffle, packing_bins=bins)
+    streams = []
+    for i, d in enumerate(comps):
+        s = _component_seed(seed, i, len(comps))
+        order = _shard_order(len(d), s, shuffle, shard_index, shard_count, num_epochs, seed_mixed=True)
+        streams.append(_packed_rows(d, order=order, seed=s, shuffle_bins=shuffle, packing_bins=bins,
+                                    seed_mixed=True))
+    ds = streams[0] if weights is None else grain.IterDataset.mix(streams, weights)
     ds = ds.batch(int(batch_size), drop_remainder=True)
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(prefetch))
@@ -865,7 +1010,52 @@ def make_loader(docs: Documents, *, batch_size: int, seed: int, shuffle: bool = 
               "seed": int(seed), "shuffle": bool(shuffle), "num_epochs": num_epochs, "packing_bins": bins,
               "shard_index": int(shard_index), "shard_count": int(shard_count),
               "fingerprint": docs.fingerprint()}
+    if weights is not None:
+        config["weights"] = weights
     return iter(_make_checked_dataset()(ds, config))
+
+
+def _row_loader(docs, comps, weights, *, batch_size, seed, shuffle, num_epochs, shard_index, shard_count, prefetch,
+                rows=None):
+    import grain
+
+    parts = []
+    for i, c in enumerate(comps):
+        order = grain.MapDataset.range(len(c))
+        if shuffle:
+            order = order.shuffle(seed=_component_seed(seed, i, len(comps)))
+        parts.append(order.repeat(num_epochs).map(functools.partial(_tag, i)))
+    ds = parts[0] if weights is None else grain.MapDataset.mix(parts, weights)
+    global_batch = batch_size * shard_count
+    ds = ds.batch(global_batch, drop_remainder=True)
+    lo, hi = rows or (shard_index * batch_size, (shard_index + 1) * batch_size)
+    ds = ds.map(functools.partial(_read_slice, comps, lo, hi))
+    threads = min(int(prefetch), 16)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=int(prefetch)))
+    config = {"rows": [len(c) for c in comps], "seq_len": docs.seq_len, "global_batch": global_batch,
+              "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "weights": weights,
+              "fingerprint": docs.fingerprint()}
+    return iter(_make_checked_dataset()(it_ds, config))
+
+
+def _tag(component: int, i) -> tuple[int, int]:
+    return component, int(i)
+
+
+def _read_slice(comps, lo: int, hi: int, ids) -> dict[str, np.ndarray]:
+    """Rows ``lo:hi`` of a global batch of (component, row) ids, read and decoded, in batch order."""
+    which, rows = np.asarray(ids[0])[lo:hi], np.asarray(ids[1])[lo:hi]
+    if len(comps) == 1:
+        return comps[0].read(rows)
+    out = None
+    for c in np.unique(which):
+        sel = np.flatnonzero(which == c)
+        part = comps[int(c)].read(rows[sel])
+        if out is None:
+            out = {k: np.zeros((hi - lo,) + v.shape[1:], v.dtype) for k, v in part.items()}
+        for k, v in part.items():
+            out[k][sel] = v
+    return out
 
 
 def get_state(it) -> dict:
@@ -905,41 +1095,183 @@ def make_dataset(source: str | os.PathLike, tokenizer, seq_len: int, *, mode: st
     answers without their question). Conversations without an assistant token are skipped and
     counted in ``stats.no_loss``.
     """
+    stats = PackStats(seq_len=int(seq_len))
+    pieces, masks = [], []
+    for toks, mask in iter_pieces(source, tokenizer, seq_len, stats=stats, mode=mode, field=field, split=split,
+                                  add_bos=add_bos, separator=separator, long_docs=long_docs, progress=progress):
+        pieces.append(toks)
+        masks.append(mask)
+    return Documents(pieces, masks if mode == "sft" else None, int(seq_len), stats)
+
+
+def iter_pieces(source: str | os.PathLike, tokenizer, seq_len: int, *, stats: PackStats, mode: str = "text",
+                field: str | None = None, split: str = "train", add_bos: bool | None = None,
+                separator: str | int | None = "auto", long_docs: str | None = None,
+                progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The one tokenisation of a source, as a stream: ``(tokens int32, loss mask int8 or None =
+    all ones)`` pieces of at most ``seq_len`` tokens, in source order, with ``stats`` filled in as
+    it goes (complete once the stream is exhausted). :func:`make_dataset` collects it;
+    ``slayer data prepare`` (:mod:`slayer_jax.prepare`) writes it to shards without holding the corpus.
+    Arguments as :func:`make_dataset`."""
+    if int(seq_len) < 1:
+        raise SlayerError(f"seq_len: {seq_len}; expected a positive integer")
+    if mode not in ("text", "sft"):
+        raise SlayerError(f"mode: {mode!r}; expected 'text' or 'sft'")
+    long_docs = long_docs or ("split" if mode == "text" else "drop")
+    if long_docs not in LONG_DOCS:
+        raise SlayerError(f"long_docs: {long_docs!r}; expected one of {list(LONG_DOCS)}")
     if mode == "text":
-        docs = load_documents(source, field=field or "text", split=split)
-        toks = tokenize_documents(tokenizer, docs, add_bos=add_bos, separator=separator, progress=progress)
-        out = Documents.from_token_lists(toks, seq_len, long_docs=long_docs or "split")
-        out.stats.empty += docs.num_empty
-        return out
-    if mode == "sft":
-        chats = load_chats(source, field=field or "messages", split=split)
-        toks, masks, no_loss = [], [], 0
-        it = chats
+        bos, eos = _bos_sep(tokenizer, add_bos, separator)
+        counts = {"empty": 0}
+        docs = iter_documents(source, field=field or "text", split=split, counts=counts)
+        toks = _tokenized(tokenizer, docs, bos, eos, 1024, progress)
+        yield from _segments_of(((t, None) for t in toks), int(seq_len), None, None, long_docs, stats)
+        stats.empty += counts["empty"]
+        return
+
+    def examples():
+        it = iter_chats(source, field=field or "messages", split=split)
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(chats, desc="sft", unit="chat")
+            it = tqdm(it, desc="sft", unit="chat")
+        kept = 0
         for i, msgs in enumerate(it):
             try:
                 t, m = sft_example(tokenizer, msgs)
             except SlayerError as e:
                 raise SlayerError(f"{source}: conversation {i + 1}: {e}") from None
             if not m.any():
-                no_loss += 1
+                stats.no_loss += 1
                 continue
-            toks.append(t)
-            masks.append(m)
-        if not toks:
+            kept += 1
+            yield t, m
+        if not kept:
             raise SlayerError(f"{source}: no conversation has an assistant message; expected some for SFT")
-        out = Documents.from_token_lists(toks, seq_len, long_docs=long_docs or "drop", loss_masks=masks)
-        out.stats.no_loss = no_loss
-        return out
-    raise SlayerError(f"mode: {mode!r}; expected 'text' or 'sft'")
+
+    yield from _segments_of(examples(), int(seq_len), None, None, long_docs, stats)
+
+
+# ============================================================================ training entry point
+def parse_sources(spec: str, key: str = "data.source") -> list[tuple[str, float]]:
+    """``"A"`` -> ``[("A", 1.0)]``; ``"A@1.0;B@1.5"`` -> a mixture, weights in rows (see :class:`Mixture`).
+    A part's weight is what follows its last ``@`` when that parses as a number."""
+    parts = [x.strip() for x in str(spec).split(";")]
+    if not str(spec).strip() or any(not x for x in parts):
+        raise SlayerError(f"{key}: {spec!r}; expected SOURCE or SOURCE@WEIGHT;SOURCE@WEIGHT;...")
+    out = []
+    for part in parts:
+        src, at, w = part.rpartition("@")
+        try:
+            weight = float(w) if at else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            src, weight = part, 1.0
+        if not src.strip() or not (weight > 0 and np.isfinite(weight)):
+            raise SlayerError(f"{key}: component {part!r}; expected SOURCE@WEIGHT with a positive weight")
+        out.append((src.strip(), weight))
+    return out
+
+
+@dataclasses.dataclass
+class DataInfo:
+    """What :func:`open_training_data` opened, for ``describe_run`` and the step count."""
+
+    source: str
+    kind: str                       # "prepared" (packed once, rows sharded globally) | "in-memory"
+    stats: PackStats                # summed over components
+    rows_per_epoch: int | None      # global rows per epoch (sum over components); None if not counted
+    separator: int | None           # the id after each raw-text document; None for SFT or "none"
+    sft: bool
+    components: list[dict]          # {"source", "weight", "rows"} per component
+    packing_note: str               # the describe_run phrase on shuffling/packing
+
+    def steps(self, *, epochs: float, steps: int, global_batch: int) -> int:
+        """``steps``, or with ``epochs`` > 0 the global batches that read that many epochs of rows."""
+        if epochs <= 0:
+            return int(steps)
+        if self.rows_per_epoch is None:
+            raise SlayerError("epochs: rows per epoch were not counted; call open_training_data(count_rows=True)")
+        return max(1, math.ceil(epochs * self.rows_per_epoch / int(global_batch)))
+
+
+def open_training_data(cdata, tokenizer, *, seed: int, batch_size: int, process_index: int | None = None,
+                       process_count: int | None = None, count_rows: bool = False, progress: bool = False,
+                       prefetch: int | None = None, local_rows: slice | None = None):
+    """``(loader, DataInfo)`` for a config's ``data`` block: the one call training makes.
+
+    ``cdata.source`` is one source or a mixture ``"A@1.0;B@1.5"``. Each component is a directory
+    written by ``slayer data prepare`` (streamed from its ArrayRecord shards; checked against the
+    tokenizer, ``seq_len``, ``mode`` and ``separator``) or any raw source :func:`make_dataset` takes
+    (tokenised in memory). Components must all be prepared or all raw. ``batch_size`` is the
+    **per-process** batch (global = batch_size * process_count); processes default to jax's.
+    ``count_rows`` (only needed for ``epochs`` > 0) packs an epoch ahead for raw sources; prepared
+    ones know their rows from the manifest. ``prefetch``: batches read ahead (default 2 for prepared
+    sources, 0 for in-memory). ``local_rows`` (prepared sources; with process_count=1 and batch_size =
+    the global batch): read only those rows of each global batch (see :func:`make_loader`)."""
+    from slayer_jax.prepare import PreparedCorpus, is_prepared
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    mode = cdata.get("mode", "text") or "text"
+    field = cdata.get("field", None) or None
+    separator = cdata.get("separator", "auto") or "auto"
+    seq_len = int(cdata.seq_len)
+    comps = parse_sources(cdata.source)
+    prepared = [is_prepared(src) for src, _ in comps]
+    if any(prepared) and not all(prepared):
+        raw = [src for (src, _), p in zip(comps, prepared) if not p]
+        raise SlayerError(f"data.source: {raw[0]!r} is not a prepared directory but other components are; "
+                          f"expected every component prepared with `slayer data prepare`, or none")
+    sources = []
+    for src, _ in comps:
+        if all(prepared):
+            pc = PreparedCorpus(src)
+            pc.check(tokenizer, seq_len=seq_len, mode=mode, separator=separator)
+            sources.append(pc)
+        else:
+            sources.append(make_dataset(src, tokenizer, seq_len, mode=mode, field=field, separator=separator,
+                                        progress=progress))
+    source = sources[0] if len(sources) == 1 else Mixture(sources, [w for _, w in comps])
+    bins = int(cdata.get("packing_bins", 0) or 0) or default_packing_bins(batch_size)
+    if prefetch is None:
+        prefetch = 2 if all(prepared) else 0
+    loader = make_loader(source, batch_size=int(batch_size), seed=int(seed), packing_bins=bins,
+                         shard_index=int(process_index), shard_count=int(process_count), prefetch=int(prefetch),
+                         local_rows=local_rows if all(prepared) else None)
+    rows: list[int | None] = []
+    for i, s in enumerate(sources):
+        if all(prepared):
+            rows.append(len(s))
+        elif count_rows:
+            per = s.count_rows(seed=int(seed), packing_bins=bins, shard_index=int(process_index),
+                               shard_count=int(process_count))
+            rows.append(per * int(process_count))
+        else:
+            rows.append(None)
+    stats = PackStats(seq_len=seq_len)
+    for s in sources:
+        for f in dataclasses.fields(PackStats):
+            if f.name != "seq_len":
+                setattr(stats, f.name, getattr(stats, f.name) + getattr(s.stats, f.name))
+    note = ("packed once by `slayer data prepare` (documents shuffled once); rows reshuffled every epoch"
+            if all(prepared) else "documents reshuffled and repacked every epoch")
+    info = DataInfo(source=str(cdata.source), kind="prepared" if all(prepared) else "in-memory", stats=stats,
+                    rows_per_epoch=None if None in rows else int(sum(rows)),
+                    separator=None if mode == "sft" else separator_id(tokenizer, separator), sft=mode == "sft",
+                    components=[{"source": src, "weight": w, "rows": r} for (src, w), r in zip(comps, rows)],
+                    packing_note=note)
+    return loader, info
 
 
 __all__ = [
     "ARRAY_KEYS", "DocumentList", "PackStats", "load_documents", "split_txt", "load_chat_jsonl", "load_chats",
     "check_messages", "assistant_char_spans", "sft_example", "tokenize_documents", "separator_id", "end_of_text_id",
     "Documents", "pack_documents", "packed_row", "make_loader", "get_state", "set_state", "state_to_bytes",
-    "make_dataset",
+    "make_dataset", "iter_documents", "iter_chats", "iter_pieces", "Mixture", "parse_sources", "DataInfo",
+    "open_training_data",
 ]

@@ -108,11 +108,19 @@ def local_rows(sharding: jax.sharding.Sharding, global_rows: int) -> slice:
 
 def global_batch(rows: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding,
                  global_rows: int) -> dict[str, jax.Array]:
-    """One global array per field from the whole global batch every process holds (``rows``):
-    each process hands over only its own rows."""
+    """One global ``[global_rows, ...]`` array per field. ``rows`` is either the whole global batch
+    (each process then hands over only its own rows) or just this process's rows, as
+    :func:`local_rows` names them."""
     mine = local_rows(sharding, global_rows)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v[mine]), (global_rows, *v.shape[1:]))
-            for k, v in rows.items()}
+    out = {}
+    for k, v in rows.items():
+        if v.shape[0] == global_rows:
+            v = v[mine]
+        elif v.shape[0] != mine.stop - mine.start:
+            raise ValueError(f"batch field {k!r} has {v.shape[0]} rows; expected the global batch ({global_rows}) "
+                             f"or this process's rows {mine.start}:{mine.stop}")
+        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_rows, *v.shape[1:]))
+    return out
 
 
 def replicated_value(x: jax.Array) -> np.ndarray:

@@ -231,21 +231,9 @@ def build_plan(pc, num_layers: int):
     raise ValueError(f"plan.kind: {kind!r} is not none, shallow, uniform or file")
 
 
-def steps_for(c, docs, batch_rows: int, packing_bins: int) -> tuple[int, int | None]:
-    """``(steps, rows per epoch or None)``: ``steps``, or, when ``epochs`` > 0, the
-    steps that read that many epochs of packed rows. Only then is an epoch packed ahead to count
-    its rows (epoch 0's exact count; later epochs pack within a row or two of it): a pass over the
-    corpus that a ``steps`` run does not need."""
-    epochs = float(c.get("epochs", 0) or 0)
-    if epochs <= 0:
-        return int(c.steps), None
-    rows = docs.count_rows(seed=int(c.seed), packing_bins=packing_bins)
-    return max(1, math.ceil(epochs * rows / batch_rows)), rows
-
-
 def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int, source: str, stats, separator,
-                 sft: bool, tokenizer, rows_per_epoch: int | None, global_batch: int, steps: int, epochs: float, workdir,
-                 latest: int | None, resume: bool) -> str:
+                 sft: bool, tokenizer, packing_note: str, rows_per_epoch: int | None, global_batch: int, steps: int, epochs: float, workdir,
+                 latest: int | None, resume: bool, mesh=None) -> str:
     """What ``slayer train`` is about to do, printed before the first step."""
     from slayer_jax.surgery import format_layer_map
 
@@ -274,11 +262,15 @@ def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int,
         + (f", {stats.split} split into {stats.chunks} pieces" if stats.split else "")
         + (f", {stats.dropped} longer than {T} dropped" if stats.dropped else "")
         + (f", {stats.empty} empty skipped" if stats.empty else "") + f"; separator {sep}",
-        f"{packing}; documents reshuffled and repacked every epoch",
+        f"{packing}; {packing_note}",
         f"steps: {steps:,} x {global_batch} rows = {global_batch * T:,} tokens per step (~{loss_per_step:,.0f} in the "
         f"loss); {'at most ' if epochs <= 0 else ''}{steps * global_batch / max(1, rows_per_epoch):.2f} epochs"
         + (f" (epochs={epochs:g})" if epochs > 0 else ""),
     ]
+    if mesh is not None:
+        lines.append(f"devices: {jax.process_count()} process(es) x {jax.local_device_count()} "
+                     f"{jax.devices()[0].platform} devices; mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())}; "
+                     f"{global_batch // max(1, jax.process_count())} rows per process per step")
     if latest is None:
         lines.append(f"workdir: {workdir} (no checkpoint: starting at step 0)")
     elif resume:
@@ -303,10 +295,8 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
 
     from tqdm.auto import tqdm
 
-    from etils import epath
-
     from slayer_jax import data as data_lib
-    from slayer_jax import multihost, surgery
+    from slayer_jax import multihost, storage, surgery
     from slayer_jax.checkpoint import TrainCheckpointer, tree_hash
     from slayer_jax.errors import SlayerError
     from slayer_jax.io import load_any
@@ -315,12 +305,20 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
 
     c = config
     multihost.initialize(c.get("distributed"))
-    workdir = epath.Path(c.workdir) if str(c.workdir).startswith("gs://") else epath.Path(Path(c.workdir).absolute())
+    workdir = storage.as_path(c.workdir)  # local, shared or gs://
     is_main = jax.process_index() == 0
-    params, cfg, tok = load_any(c.model)
+    n_dev = int(c.get("num_devices", 0) or 0)
+    mesh = make_mesh(c.mesh, devices=jax.devices()[:n_dev] if n_dev else None)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if int(c.batch_size) % (dp * int(c.get("grad_accum", 1))):
+        raise SlayerError(f"config: batch_size {c.batch_size} must be divisible by data*fsdp ({dp}) x grad_accum "
+                          f"({c.get('grad_accum', 1)}) for mesh {dict(mesh.shape)}")
+    multihost.require_shared_dir(workdir)
+    # Straight into the shards, as fp32 masters: each process reads only its devices' slices, and
+    # the surgery below runs on the sharded arrays.
+    params, cfg, tok = load_any(c.model, dtype=jnp.float32, mesh=mesh)
     if tok is None:
         raise SlayerError(f"{c.model}: no tokenizer files; training needs the model's tokenizer")
-    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # fp32 master weights
     plan = build_plan(c.plan, len(params["layers"]))
     if plan is not None:
         params, mask, lmap = surgery.apply_plan(params, plan)
@@ -335,27 +333,22 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if c.get("frozen_dtype", ""):  # frozen weights need no fp32 master copy
         frozen = jax.tree_util.tree_map(lambda x: x.astype(as_dtype(c.frozen_dtype)), frozen)
 
-    n_dev = int(c.get("num_devices", 0) or 0)
-    mesh = make_mesh(c.mesh, devices=jax.devices()[:n_dev] if n_dev else None)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if int(c.batch_size) % (dp * int(c.get("grad_accum", 1))):
-        raise SlayerError(f"config: batch_size {c.batch_size} must be divisible by data*fsdp ({dp}) x grad_accum "
-                          f"({c.get('grad_accum', 1)}) for mesh {dict(mesh.shape)}")
-    multihost.require_shared_dir(workdir)
     tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     seq_len = int(c.data.seq_len)
     separator = c.data.get("separator", "auto") or "auto"
-    docs = data_lib.make_dataset(c.data.source, tok, seq_len, mode=c.data.get("mode", "text"),
-                                 field=c.data.get("field", None) or None, separator=separator, progress=is_main)
-    # Every process reads the same global batches and hands its devices only their rows
-    # (multihost.global_batch): the run is the same whatever the number of processes.
+    # Every process reads the same sequence of global batches and hands its devices only their
+    # rows (multihost.global_batch), so a run is the same whatever the number of processes. A
+    # prepared corpus reads only this process's rows of each global batch; an in-memory one packs
+    # the whole (small) corpus on every process.
     global_rows = int(c.batch_size)
-    bins = int(c.data.get("packing_bins", 0) or 0) or data_lib.default_packing_bins(global_rows)
-    steps, rows_per_epoch = steps_for(c, docs, global_rows, bins)
-    loader = data_lib.make_loader(docs, batch_size=global_rows, seed=int(c.seed), packing_bins=bins, shard_index=0,
-                                  shard_count=1)
-    stats = docs.stats
+    b_sh = batch_sharding(mesh)
+    epochs = float(c.get("epochs", 0) or 0)
+    loader, data_info = data_lib.open_training_data(
+        c.data, tok, seed=int(c.seed), batch_size=global_rows, process_index=0, process_count=1,
+        count_rows=epochs > 0, progress=is_main, local_rows=multihost.local_rows(b_sh, global_rows))
+    steps = data_info.steps(epochs=epochs, steps=int(c.steps), global_batch=global_rows)
+    rows_per_epoch, stats = data_info.rows_per_epoch, data_info.stats
     eval_batches = None
     if c.data.get("eval_source"):
         ev = data_lib.make_dataset(c.data.eval_source, tok, seq_len, mode=c.data.get("mode", "text"),
@@ -368,7 +361,6 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     tx = make_optimizer(ocfg)
     state = jax.jit(functools.partial(init_state, tx=tx, seed=int(c.seed)))(trainable)
     st_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    b_sh = batch_sharding(mesh)
     act_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None))
     sc = StepConfig(cfg, dtype=c.dtype, remat=c.get("remat", None), grad_accum=int(c.get("grad_accum", 1)))
     step_fn = compile_step(sc, tx, st_sh, fr_sh, b_sh, act_sh)
@@ -382,15 +374,14 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     start = 0
     latest = ckpt.latest_step()
     if is_main:
-        sep = None if c.data.get("mode", "text") == "sft" else data_lib.separator_id(tok, separator)
         print(describe_run(plan=plan, lmap=lmap, n_trainable=meta["trainable"],
                            n_params=tree_size(trainable) + tree_size(frozen), opt_bytes=tree_bytes(state["opt_state"]),
-                           source=str(c.data.source), stats=stats, separator=sep,
-                           sft=c.data.get("mode", "text") == "sft", tokenizer=tok,
+                           source=data_info.source, stats=stats, separator=data_info.separator,
+                           sft=data_info.sft, tokenizer=tok, packing_note=data_info.packing_note,
                            rows_per_epoch=rows_per_epoch,
                            global_batch=int(c.batch_size),
                            steps=steps, epochs=float(c.get("epochs", 0) or 0), workdir=workdir, latest=latest,
-                           resume=bool(c.checkpoint.get("resume", True))), flush=True)
+                           resume=bool(c.checkpoint.get("resume", True)), mesh=mesh), flush=True)
     if latest is not None and c.checkpoint.get("resume", True):
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state, start = ckpt.restore(abstract, loader, meta)
@@ -415,10 +406,8 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     writer = None
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(workdir / "tb"))
-    metrics_path = workdir / "metrics.jsonl"
+        writer = storage.summary_writer(workdir / "tb")
+    metrics = storage.LineLog(workdir / "metrics.jsonl") if is_main else None
     history = []
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not is_main)
     t_last, tokens_since = time.perf_counter(), 0.0
@@ -459,8 +448,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                 t_last = time.perf_counter()  # keep evaluation out of tokens/s
             history.append(rec)
             if is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                metrics.append(json.dumps(rec))
                 for k, v in rec.items():
                     if k != "step" and v is not None:
                         writer.add_scalar(f"train/{k}", v, step)
@@ -468,10 +456,14 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                 bar.set_postfix(loss=f"{loss:.3f}")
             if step % int(c.checkpoint.every) == 0 or step == steps:
                 ckpt.save(step, state, loader, meta)
+                if is_main:  # remote logs are written out once per checkpoint
+                    metrics.flush()
+                    writer.flush()
     finally:
         bar.close()
         ckpt.close()
-        if writer is not None:
+        if is_main:
+            metrics.flush()
             writer.close()
 
     final = merge_params(state["trainable"], frozen)

@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["gcs_emulator"]  # the `gcs_bucket` / `gcs_dir` fixtures: a local GCS emulator per session
+
 
 # ----------------------------------------------------------------------------- default model (SmolLM2)
 # Built once per machine into $SLAYER_CACHE (default ~/.cache/slayer_jax): the first run downloads the

@@ -8,10 +8,15 @@ from typing import Any
 from slayer_jax.errors import SlayerError
 
 
-def load_any(src: str | Path, dtype: Any = None):
+def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
     """(params, cfg, tokenizer) from an HF directory, a .gguf file or a slayer checkpoint.
 
-    The special name ``default`` is the default model (SmolLM2-135M-Instruct, cached)."""
+    The special name ``default`` is the default model (SmolLM2-135M-Instruct, cached).
+    dtype: cast the weights to this dtype (default: the stored dtype; float32 for GGUF).
+    mesh: a ``jax.sharding.Mesh``: every leaf is a global ``jax.Array`` placed with its role
+        sharding (:func:`slayer_jax.sharding.param_shardings`), and each process reads only
+        what its own devices need (HF safetensors: the stored rows of its shards; slayer
+        checkpoints: its shards; a GGUF file is dequantised whole on each host). Every process of a multi-host job must call it."""
     src = str(src)
     if src == "default":
         from slayer_jax.assets import default_model_dir
@@ -27,14 +32,14 @@ def load_any(src: str | Path, dtype: Any = None):
             raise SlayerError(f"{path}: unsupported file type '{path.suffix}'; expected a .gguf file or a directory")
         from slayer_jax.io.gguf import load_gguf
 
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, mesh=mesh)
     from slayer_jax.checkpoint import is_model_checkpoint, load_model
 
     if is_model_checkpoint(path):
-        return load_model(path, dtype=dtype)
+        return load_model(path, dtype=dtype, mesh=mesh)
     from slayer_jax.io.hf import load_hf
 
-    return load_hf(path, dtype=dtype)
+    return load_hf(path, dtype=dtype, mesh=mesh)
 
 
 def _looks_like_hub_id(s: str) -> bool:

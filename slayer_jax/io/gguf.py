@@ -304,12 +304,16 @@ def _tensor_target(name: str, n_layers: int, source: str) -> tuple[tuple, bool]:
                       f"output_norm, output or blk.N.{{attn_*,ffn_*}}")
 
 
-def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
-              progress: bool = True) -> tuple[Params, ModelConfig, Any]:
+def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, mesh: Any = None,
+              shardings: Any = None, progress: bool = True) -> tuple[Params, ModelConfig, Any]:
     """Import a llama GGUF file. Returns (params, cfg, tokenizer_or_None).
 
     dtype: dtype of the returned arrays (default float32; every tensor is dequantised to fp32 first).
     tokenizer: also build the ``PreTrainedTokenizerFast`` from the file's metadata.
+    mesh: place every leaf as a global ``jax.Array`` with its role sharding
+        (:func:`slayer_jax.sharding.param_shardings`); each tensor is still dequantised whole on
+        the host (GGUF models here are small), but only the local shards go to devices.
+    shardings: instead of ``mesh``'s role rules, a tree of shardings shaped like the params.
     """
     from gguf.quants import dequantize
     from tqdm.auto import tqdm
@@ -328,6 +332,10 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
     out_dtype = jnp.float32 if dtype is None else as_dtype(dtype)
 
     want = expected_shapes(cfg, n_layers)
+    if shardings is None and mesh is not None:
+        from slayer_jax.sharding import param_shardings
+
+        shardings = param_shardings(want, mesh)
     params: Params = {"embed": {}, "layers": [{} for _ in range(n_layers)], "norm": {}}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {}
@@ -353,7 +361,11 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
             w = w.T
         # Copy what still views the memory-mapped file; otherwise only make it contiguous.
         w = np.array(w, order="C") if np.may_share_memory(w, reader.data) else np.ascontiguousarray(w)
-        node[tree_path[-1]] = jnp.asarray(w, dtype=out_dtype)
+        if shardings is None:
+            node[tree_path[-1]] = jnp.asarray(w, dtype=out_dtype)
+        else:
+            node[tree_path[-1]] = jax.make_array_from_callback(
+                w.shape, _leaf(shardings, tree_path), lambda index, w=w: np.asarray(w[index], dtype=out_dtype))
         del w
     _check_complete(params, want, source)
     tok = tokenizer_from_gguf(meta, source) if tokenizer else None

@@ -3,7 +3,9 @@
 Import reads ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (never
 pickled ``.bin`` files), checks every tensor's shape against ``config.json`` and turns each
 one into a device array as soon as it is read, so peak host memory stays near one copy of
-the model. Export streams tensors into ~5 GB shards inside a temporary directory and renames
+the model. Given a mesh, each tensor is built shard by shard from only the stored rows the
+local devices need (see :func:`load_hf`), so a process of a multi-host job holds only its own
+shards. Export streams tensors into ~5 GB shards inside a temporary directory and renames
 it into place, so an interrupted export leaves nothing at the target.
 """
 
@@ -146,21 +148,33 @@ def read_slayer_metadata(path: str | Path) -> dict | None:
     return d.get("slayer")
 
 
-def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
-            put: Callable[[tuple, np.ndarray], jax.Array] | None = None, progress: bool = True):
+def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, mesh: Any = None,
+            shardings: Any = None, progress: bool = True):
     """Import an HF Llama/Mistral directory. Returns (params, cfg, tokenizer_or_None).
 
-    dtype: cast every tensor to this dtype (default: keep the stored dtype).
-    put: optional ``put(path, np_array) -> jax.Array`` to place each tensor (e.g. with a
-        sharding); default ``jnp.asarray`` on the default device.
+    dtype: cast every tensor to this dtype (default: keep the stored dtype), block by block.
+    mesh: a ``jax.sharding.Mesh``; every leaf becomes a global ``jax.Array`` with its role
+        sharding (:func:`slayer_jax.sharding.param_shardings`), built by
+        ``jax.make_array_from_callback`` from just the stored rows this process's devices need
+        (a stored [out, in] kernel split on ``in`` still needs all its rows; they are read in
+        chunks), so no process holds more than its shards plus one tensor's local blocks.
+        Every process of a multi-host job must call it (same path, same mesh).
+    shardings: instead of ``mesh``'s role rules, a tree of ``jax.sharding.Sharding`` shaped
+        like the params.
+    Without either, each tensor is read whole and placed with ``jnp.asarray`` on the default
+    device.
     """
     path = Path(path)
     if not path.is_dir():
         raise SlayerError(f"{path}: not a directory; expected an HF model directory with config.json")
     cfg, n_layers = load_config(path)
     where = _weight_files(path)
-    dtype = None if dtype is None else as_dtype(dtype)
-    put = put or (lambda _p, a: jnp.asarray(a))
+    dtype = None if dtype is None else np.dtype(as_dtype(dtype))
+    if shardings is None and mesh is not None:
+        from slayer_jax.model import expected_shapes
+        from slayer_jax.sharding import param_shardings
+
+        shardings = param_shardings(expected_shapes(cfg, n_layers), mesh)
 
     params = _empty_tree(cfg, n_layers)
     wanted = list(hf_tensor_map(cfg, n_layers))
@@ -180,18 +194,43 @@ def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True,
         shape, expect = f.shape(name), expected_hf_shape(cfg, name)
         if shape != expect:
             raise SlayerError(f"{f.path}: tensor '{name}' has shape {list(shape)}; config.json implies {list(expect)}")
-        arr = f.read(name)
-        if transposed:
-            arr = np.ascontiguousarray(arr.T)
-        if dtype is not None:
-            arr = arr.astype(dtype, copy=False)
-        _set(params, tree_path, put(tree_path, arr))
-        del arr
+        ours = tuple(shape[::-1]) if transposed else tuple(shape)
+        if shardings is None:
+            leaf = jnp.asarray(_read_blocks(f, name, transposed, dtype, ours, [()])(()))
+        else:
+            sharding = _get(shardings, tree_path)
+            indices = list(sharding.addressable_devices_indices_map(ours).values())
+            leaf = jax.make_array_from_callback(ours, sharding,
+                                                _read_blocks(f, name, transposed, dtype, ours, indices))
+        _set(params, tree_path, leaf)
+        del leaf
     for layer in params["layers"]:
         for k in [k for k, v in layer.items() if not v]:
             del layer[k]
     tok = load_tokenizer(path) if tokenizer else None
     return params, cfg, tok
+
+
+def _read_blocks(f: SafetensorsFile, name: str, transposed: bool, dtype: np.dtype | None, shape: tuple[int, ...],
+                 indices: list[tuple]) -> Callable[[tuple], np.ndarray]:
+    """``block(index)`` for each of ``indices``: the C-contiguous block of tensor ``name`` in our
+    layout ([in, out] for a transposed kernel), cast to ``dtype``. All blocks are read up front in
+    one pass over the stored rows they need (a transposed kernel's stored rows are our columns),
+    each distinct block once, so devices holding the same replica share it."""
+    key = lambda index: tuple(i.indices(n) for i, n in zip(tuple(index) + (slice(None),) * len(shape), shape))
+    distinct = {key(i): tuple(i) for i in indices}
+    stored = [tuple(i) + (slice(None),) * (len(shape) - len(i)) for i in distinct.values()]
+    if transposed:  # our [in, out] block is the stored [out, in] block, transposed
+        stored = [i[::-1] for i in stored]
+    raw = f.read_blocks(name, stored)[::-1]
+    blocks = {}
+    for k in distinct:
+        arr = raw.pop()  # drop each stored block once converted
+        if transposed:
+            arr = np.ascontiguousarray(arr.T)
+        blocks[k] = arr if dtype is None else arr.astype(dtype, copy=False)
+        del arr
+    return lambda index: blocks[key(index)]
 
 
 def _host_copy(x: Any) -> np.ndarray:

@@ -4,8 +4,9 @@ The ``safetensors`` library's ``save_file`` takes every tensor at once, and ``sa
 keeps the whole file memory-mapped (its pages count towards RSS until it closes). To keep
 an import -> export round trip near one copy of the model, this module writes the same
 on-disk format header-first and then tensor by tensor, and reads each tensor with one
-``pread`` into a fresh buffer. Files it writes are read back by the ``safetensors`` library
-and by transformers (tested).
+``pread`` into a fresh buffer; ``read_slice``/``read_blocks`` read only the rows a block needs,
+so a process of a multi-host job reads the rows of its own shards, not the whole tensor. Files
+it writes are read back by the ``safetensors`` library and by transformers (tested).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 class SafetensorsFile:
     """The header of one .safetensors file, and a reader for its tensors."""
 
+    CHUNK_BYTES = 64 << 20  # row chunk read at a time by read_slice when it keeps only some columns
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.bytes_read = 0  # tensor bytes read from the file so far (read and read_slice)
         if not self.path.exists():
             raise SlayerError(f"{self.path}: file not found; expected a safetensors weight file")
         self.file_size = self.path.stat().st_size
@@ -62,7 +66,8 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read(self, name: str) -> np.ndarray:
+    def _entry(self, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+        """(dtype, shape, absolute file offset) of tensor ``name``, after checking its header entry."""
         e = self.entries[name]
         if e["dtype"] not in _DTYPES:
             raise SlayerError(f"{self.path}: tensor '{name}' has dtype {e['dtype']}; expected one of {sorted(_DTYPES)}")
@@ -72,13 +77,87 @@ class SafetensorsFile:
         if end - begin != count * dtype.itemsize:
             raise SlayerError(f"{self.path}: tensor '{name}' has {end - begin} bytes, shape {e['shape']} needs "
                               f"{count * dtype.itemsize}")
-        out = np.empty(count, dtype)
+        return dtype, tuple(e["shape"]), self.data_start + begin
+
+    def _pread(self, f, offset: int, buf: np.ndarray, name: str) -> None:
+        """Fill the contiguous ``buf`` with the bytes at ``offset``, or raise: the file is truncated."""
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        f.seek(offset)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise SlayerError(f"{self.path}: truncated while reading tensor '{name}'")
+            got += n
+        self.bytes_read += got
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole tensor ``name``, read with one ``pread`` into a fresh buffer."""
+        return self.read_slice(name, ())
+
+    def read_slice(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """``read(name)[index]``, reading only the rows (first dimension) that ``index`` selects.
+
+        ``index`` is a tuple of slices with positive steps, one per leading dimension, as
+        ``jax.make_array_from_callback`` passes them. The selected rows are one contiguous byte
+        range: when the other dimensions are taken whole it is read straight into the result;
+        otherwise it is read in chunks of about ``CHUNK_BYTES`` whose selected columns are
+        copied out, so the extra memory is one chunk, never the whole tensor."""
+        return self.read_blocks(name, [index])[0]
+
+    def read_blocks(self, name: str, indices: Iterable[tuple[slice, ...]]) -> list[np.ndarray]:
+        """``[read_slice(name, i) for i in indices]``, reading each needed row once: blocks that
+        share rows (e.g. the column shards of one device row) are cut from the same chunk."""
+        dtype, shape, offset = self._entry(name)
+        blocks = []  # (out, row range, column index) of each block
+        for index in indices:
+            index = tuple(index)
+            if len(index) > len(shape) or not all(isinstance(i, slice) for i in index):
+                raise IndexError(f"{self.path}: tensor '{name}' of shape {list(shape)}: index {index} is not a "
+                                 f"tuple of at most {len(shape)} slices")
+            index += (slice(None),) * (len(shape) - len(index))
+            ranges = [range(*i.indices(n)) for i, n in zip(index, shape)]
+            if any(r.step < 1 for r in ranges):
+                raise IndexError(f"{self.path}: tensor '{name}': index {index} has a non-positive step")
+            out = np.empty(tuple(len(r) for r in ranges), dtype)
+            blocks.append((out, ranges[0] if shape else range(1), tuple(slice(r.start, r.stop, r.step)
+                                                                          for r in ranges[1:])))
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = row_items * dtype.itemsize
+        rest = []  # blocks that keep only some columns, or every k-th row
         with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            got = f.readinto(out.view(np.uint8))
-        if got != end - begin:
-            raise SlayerError(f"{self.path}: truncated while reading tensor '{name}'")
-        return out.reshape(e["shape"])
+            for out, rows, cols in blocks:
+                if out.size == 0:
+                    continue
+                if rows.step == 1 and all(c.start == 0 and c.stop == n and c.step == 1
+                                          for c, n in zip(cols, shape[1:])):
+                    self._pread(f, offset + rows[0] * row_bytes, out, name)  # whole rows: straight in
+                else:
+                    rest.append((out, rows, cols))
+            if not rest:
+                return [b[0] for b in blocks]
+            spans = sorted((r[0], r[-1] + 1) for _, r, _ in rest)
+            merged = [list(spans[0])]
+            for lo, hi in spans[1:]:  # disjoint row spans covering every remaining block
+                if lo <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], hi)
+                else:
+                    merged.append([lo, hi])
+            chunk = max(1, self.CHUNK_BYTES // max(row_bytes, 1))
+            buf = np.empty((min(chunk, max(hi - lo for lo, hi in merged)),) + shape[1:], dtype)
+            for lo, hi in merged:
+                for a in range(lo, hi, chunk):
+                    b = min(a + chunk, hi)
+                    part = buf[: b - a]
+                    self._pread(f, offset + a * row_bytes, part, name)
+                    for out, rows, cols in rest:
+                        j0 = max(0, -(-(a - rows.start) // rows.step))  # first selected row >= a
+                        j1 = min(len(rows), -(-(b - rows.start) // rows.step))  # first selected row >= b
+                        if j0 < j1:
+                            first = rows.start + j0 * rows.step - a
+                            sel = slice(first, first + (j1 - j0 - 1) * rows.step + 1, rows.step)
+                            out[j0:j1] = part[(sel,) + cols]
+        return [b[0] for b in blocks]
 
 
 def write_safetensors(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
@@ -99,7 +178,7 @@ def write_safetensors(path: str | Path, specs: Iterable[tuple[str, tuple[int, ..
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype in specs:
-            arr = np.ascontiguousarray(get(name))
+            arr = np.asarray(get(name), order="C")  # (ascontiguousarray would make a scalar 1-d)
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
                 raise ValueError(f"{name}: got {arr.dtype}{arr.shape}, announced {np.dtype(dtype)}{tuple(shape)}")
             f.write(arr.reshape(-1).view(np.uint8).data)
