@@ -112,20 +112,39 @@ def weights(export: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
+def prepared(setup):
+    """The corpus packed once by `slayer data prepare` into 3 ArrayRecord shards."""
+    import subprocess
+    import sys
+
+    out = setup / "prepared"
+    r = subprocess.run([sys.executable, "-m", "slayer_jax.cli", "data", "prepare", str(setup / "corpus"), "--tokenizer",
+                        str(setup / "model"), "--out", str(out), "--seq-len", "64", "--shards", "3", "--quiet"],
+                       capture_output=True, text=True, timeout=300, cwd=mp.REPO, env=mp.env_for(0, 1, 1, 0))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
 def one_process(setup):
-    return train(setup, "one", 1, 4, "fsdp=4")
+    return {"memory": train(setup, "one", 1, 4, "fsdp=4")}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["fsdp=4", "data=2,fsdp=2"])
-def test_two_processes_train_as_one(setup, one_process, mesh):
-    two = train(setup, f"two_{mesh.replace(',', '_').replace('=', '')}", 2, 2, mesh)
-    ref, got = records(one_process), records(two)
+@pytest.mark.parametrize("mesh,source", [("fsdp=4", "memory"), ("data=2,fsdp=2", "memory"), ("fsdp=4", "prepared")])
+def test_two_processes_train_as_one(setup, one_process, request, mesh, source):
+    extra = {}
+    if source == "prepared":  # streamed: each process reads only its rows of each global batch
+        extra = {"data.source": request.getfixturevalue("prepared")}
+        if source not in one_process:
+            one_process[source] = train(setup, "one_prepared", 1, 4, "fsdp=4", **extra)
+    two = train(setup, f"two_{mesh.replace(',', '_').replace('=', '')}_{source}", 2, 2, mesh, **extra)
+    ref, got = records(one_process[source]), records(two)
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     for s in ref:
         for k in ("loss", "grad_norm", "tokens"):
             np.testing.assert_allclose(got[s][k], ref[s][k], rtol=2e-5, err_msg=f"step {s} {k}")
-    w_ref, w_got = weights(one_process / "hf"), weights(two / "hf")
+    w_ref, w_got = weights(one_process[source] / "hf"), weights(two / "hf")
     assert sorted(w_got) == sorted(w_ref)
     moved = 0
     for name in w_ref:
@@ -148,9 +167,9 @@ def test_two_processes_export_loads_in_transformers_with_the_same_logits(setup):
     from slayer_jax.io.hf import load_hf
     from slayer_jax.model import forward
 
-    two = setup / "two_fsdp4" / "hf"
+    two = setup / "two_fsdp4_memory" / "hf"
     if not two.exists():
-        train(setup, "two_fsdp4", 2, 2, "fsdp=4")
+        train(setup, "two_fsdp4_memory", 2, 2, "fsdp=4")
     params, cfg, tok = load_hf(two, progress=False)
     ids = np.asarray([tok("def load(path):\n    return json.loads(path.read_text())")["input_ids"]])
     ours = np.asarray(forward(params, ids, cfg))

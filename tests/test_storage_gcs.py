@@ -233,3 +233,76 @@ def test_as_path_keeps_gs_and_makes_local_absolute(tmp_path):
     assert rel.is_absolute() and str(rel) == str(tmp_path / "runs" / "exp1")  # cwd is tmp_path
     assert not storage.is_remote("runs/exp1") and not storage.is_remote(tmp_path)
     assert str(storage.as_path(tmp_path)) == str(tmp_path)
+
+
+# ----------------------------------------------------------------------------- slayer train on gs://
+@pytest.mark.slow
+def test_slayer_train_with_a_gs_workdir_resumes_and_exports(gcs_dir, tmp_path, monkeypatch):
+    """`slayer train` with workdir, export and model on gs://: stop after 4 of 6 steps, rerun to 6;
+    the losses and the exported weights equal an uninterrupted local run's bit for bit, the metrics
+    log on the bucket has every step, TensorBoard events are there, and the export loads from gs://."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    from slayer_jax.io import load_any
+    from slayer_jax.io.hf import save_hf
+    from tiny_tok import make_exported_model
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
+    model = make_exported_model(tmp_path / "model", layers=3)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for p in sorted(Path(json.__file__).parent.glob("*.py"))[:4]:
+        shutil.copy(p, corpus / p.name)
+    params, cfg, tok = load_any(model)
+    save_hf(params, cfg, f"{gcs_dir}/base", tokenizer=tok, progress=False)  # the model, read back from gs://
+
+    def train(model_src, workdir, export):
+        o = {"model": model_src, "workdir": workdir, "export_dir": export, "steps": 6, "batch_size": 4,
+             "data.source": corpus, "data.seq_len": 32, "plan.expand": 1, "log_every": 1, "eval_every": 1000,
+             "checkpoint.every": 2, "checkpoint.keep": 2, "num_devices": 1}
+        args = [sys.executable, "-m", "slayer_jax.cli", "train", "--config", str(repo / "configs" / "smollm2_slayer.py"),
+                *[f"--config.{k}={v}" for k, v in o.items()]]
+        env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+        r = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        return r.returncode, r.stdout + r.stderr
+
+    code, out = train(model, tmp_path / "local", tmp_path / "local" / "hf")
+    assert code == 0, out[-3000:]
+    ref = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+
+    remote = f"{gcs_dir}/run"
+    code, out = train(f"{gcs_dir}/base", remote, f"{remote}/hf")
+    assert code == 0, out[-3000:]
+    assert "(no checkpoint: starting at step 0)" in out
+    # as if the run had stopped after step 4's checkpoint: drop step 6's, rerun on the same gs:// workdir
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(remote)
+    fs.invalidate_cache()
+    fs.rm(f"{root}/checkpoints/6", recursive=True)
+    code, out = train(f"{gcs_dir}/base", remote, f"{remote}/hf")
+    assert code == 0, out[-3000:]
+    assert "has a checkpoint at step 4: resuming from it" in out and "resumed from step 4" in out
+
+    got = {}
+    for line in storage.as_path(f"{remote}/metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        got[r["step"]] = r
+    assert sorted(got) == list(range(1, 7))
+    for r in ref:
+        assert got[r["step"]]["loss"] == r["loss"] and got[r["step"]]["grad_norm"] == r["grad_norm"], r["step"]
+    keys = _objects(remote)
+    assert any(k.startswith("tb/") and "tfevents" in k for k in keys), keys
+    assert "hf/model.safetensors" in keys and any(k.startswith("checkpoints/6/state/") for k in keys), keys
+    exported, _, _ = load_any(f"{remote}/hf")
+    local = load_file(str(tmp_path / "local" / "hf" / "model.safetensors"))
+    remote_file = load_file(str(tmp_path / "cache" / "remote" / remote.split("://")[1] / "hf" / "model.safetensors"))
+    assert sorted(local) == sorted(remote_file)
+    for k in local:
+        assert np.array_equal(local[k], remote_file[k]), k
+    assert len(exported["layers"]) == 4

@@ -254,7 +254,23 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
     ``num_hidden_layers`` is ``len(params["layers"])``. ``extra_config`` is merged into
     config.json (e.g. ``{"slayer": plan_record}``). Tensors are streamed one at a time into
     safetensors shards of at most ``shard_bytes`` (an index json when there is more than one).
+    ``out_dir`` may be gs://: the directory is written to a local temporary directory, then
+    uploaded (:func:`slayer_jax.storage.copy_tree`).
     """
+    from slayer_jax import storage
+
+    if storage.is_remote(out_dir):
+        remote = storage.as_path(out_dir)
+        if jax.process_index() == 0 and remote.exists() and not overwrite:
+            raise SlayerError(f"{remote}: already exists; pass overwrite=True (--overwrite) to replace it")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="slayer_export_") as staging:
+            local = save_hf(params, cfg, Path(staging) / "export", tokenizer=tokenizer, extra_config=extra_config,
+                            shard_bytes=shard_bytes, dtype=dtype, progress=progress)
+            if jax.process_index() == 0:
+                storage.copy_tree(local, remote)
+        return remote
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise SlayerError(f"{out_dir}: already exists; pass overwrite=True (--overwrite) to replace it")
