@@ -235,9 +235,21 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     packer's open rows and the shuffle's index, never the corpus."""
     import grain
 
-    from slayer_jax import __version__
+    from slayer_jax import __version__, storage
     from slayer_jax import data as D
 
+    if storage.is_remote(out):  # gs://: written locally, then uploaded (array_record writes local files)
+        import tempfile
+
+        if storage.as_path(out).exists() and not overwrite:
+            raise SlayerError(f"{storage.as_path(out)}: already exists; pass --overwrite to replace it")
+        args = dict(seq_len=seq_len, mode=mode, field=field, split=split, separator=separator, add_bos=add_bos,
+                    long_docs=long_docs, shards=shards, packing_bins=packing_bins, seed=seed, shuffle=shuffle,
+                    tokenizer_name=tokenizer_name, sha256=sha256, progress=progress)
+        with tempfile.TemporaryDirectory(prefix="slayer_prepare_") as staging:
+            manifest = prepare_corpus(source, tokenizer, Path(staging) / "out", **args)
+            storage.copy_tree(Path(staging) / "out", out)
+        return manifest
     if int(seq_len) < 2:
         raise SlayerError(f"--seq-len: {seq_len}; expected an integer > 1")
     if int(shards) < 1:
@@ -342,6 +354,10 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
 def is_prepared(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory written by :func:`prepare_corpus`."""
     try:
+        from slayer_jax import storage
+
+        if storage.is_remote(path):
+            return (storage.as_path(path) / MANIFEST).exists()
         p = Path(str(path)).expanduser()
         return (p / MANIFEST).is_file()
     except (OSError, ValueError):
@@ -377,7 +393,11 @@ class PreparedCorpus:
     def __init__(self, path: str | os.PathLike):
         import grain
 
-        self.path = Path(str(path)).expanduser()
+        from slayer_jax import storage
+
+        # gs://: fetched once per host into the cache (array_record reads local files). For a corpus
+        # larger than a host's disk, mount the bucket with gcsfuse and give the mount path instead.
+        self.path = storage.cached_copy(str(path)) if storage.is_remote(path) else Path(str(path)).expanduser()
         self.manifest = m = read_manifest(self.path)
         self.seq_len = int(m["seq_len"])
         self.mode = m["mode"]

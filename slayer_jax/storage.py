@@ -316,3 +316,29 @@ def summary_writer(logdir: str | os.PathLike, **kwargs: Any):
                 self._sent = {}
 
     return StagedSummaryWriter(_url(logdir), **kwargs)
+
+
+def cached_copy(url: str) -> Path:
+    """A local copy of the gs:// directory ``url`` (a model, a prepared corpus) under
+    ``$SLAYER_CACHE/remote/``, fetched once per host; a copy whose files differ in name or size
+    from the bucket's is fetched again (:func:`download_tree`: never left half-written)."""
+    import fsspec
+
+    from slayer_jax.errors import SlayerError
+
+    url = _url(url)
+    cache = Path(os.environ.get("SLAYER_CACHE", Path.home() / ".cache" / "slayer_jax")) / "remote"
+    local = cache / url.split("://", 1)[1].strip("/")
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    try:
+        remote = {p[len(root.rstrip("/")) + 1:]: int(i["size"]) for p, i in fs.find(root, detail=True).items()}
+    except FileNotFoundError:
+        remote = {}
+    if not remote:
+        raise SlayerError(f"{url}: not found or empty; expected a directory of files")
+    have = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()} \
+        if local.is_dir() else {}
+    if have != remote:
+        download_tree(url, local)
+    return local

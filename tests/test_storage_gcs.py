@@ -306,3 +306,28 @@ def test_slayer_train_with_a_gs_workdir_resumes_and_exports(gcs_dir, tmp_path, m
     for k in local:
         assert np.array_equal(local[k], remote_file[k]), k
     assert len(exported["layers"]) == 4
+
+
+# ----------------------------------------------------------------------------- prepared corpora on gs://
+def test_prepared_corpus_written_to_and_read_from_gs(gcs_dir, tmp_path, monkeypatch):
+    """`slayer data prepare --out gs://...` uploads the same files a local prepare writes, and a
+    gs:// data.source reads the same rows (fetched once into the cache)."""
+    from slayer_jax import prepare as P
+    from tiny_tok import corpus, make_tokenizer
+
+    monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus() * 3))
+    tok = make_tokenizer()
+    local = P.prepare_corpus(src, tok, tmp_path / "local", seq_len=48, shards=2)
+    remote = P.prepare_corpus(src, tok, f"{gcs_dir}/prep", seq_len=48, shards=2)
+    assert remote["counts"] == local["counts"] and remote["fingerprint"] == local["fingerprint"]
+    assert _objects(f"{gcs_dir}/prep") == sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert P.is_prepared(f"{gcs_dir}/prep") and not P.is_prepared(f"{gcs_dir}/nothing")
+    a, b = P.PreparedCorpus(tmp_path / "local"), P.PreparedCorpus(f"{gcs_dir}/prep")
+    assert len(a) == len(b) > 4
+    ra, rb = a.read(range(len(a))), b.read(range(len(b)))
+    for k in ra:
+        assert np.array_equal(ra[k], rb[k]), k
+    with pytest.raises(Exception, match="already exists"):
+        P.prepare_corpus(src, tok, f"{gcs_dir}/prep", seq_len=48)

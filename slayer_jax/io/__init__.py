@@ -25,7 +25,7 @@ def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
     from slayer_jax import storage
 
     if storage.is_remote(src):  # gs://: fetched once into the local cache, then read like a local dir
-        path = _cached_copy(src)
+        path = storage.cached_copy(src)
     else:
         path = Path(src)
     if not path.exists() and _looks_like_hub_id(src):
@@ -45,32 +45,6 @@ def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
     from slayer_jax.io.hf import load_hf
 
     return load_hf(path, dtype=dtype, mesh=mesh)
-
-
-def _cached_copy(url: str) -> Path:
-    """A local copy of a gs:// model directory under $SLAYER_CACHE/remote/, fetched once; a copy
-    whose files differ in name or size from the bucket's is fetched again."""
-    import os
-
-    import fsspec
-
-    from slayer_jax import storage
-
-    cache = Path(os.environ.get("SLAYER_CACHE", Path.home() / ".cache" / "slayer_jax")) / "remote"
-    local = cache / url.split("://", 1)[1].strip("/")
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.invalidate_cache()
-    try:
-        remote = {p[len(root.rstrip("/")) + 1:]: int(i["size"]) for p, i in fs.find(root, detail=True).items()}
-    except FileNotFoundError:
-        remote = {}
-    if not remote:
-        raise SlayerError(f"{url}: not found or empty; expected an HF model directory or a slayer checkpoint")
-    have = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()} \
-        if local.is_dir() else {}
-    if have != remote:
-        storage.download_tree(url, local)
-    return local
 
 
 def _looks_like_hub_id(s: str) -> bool:
