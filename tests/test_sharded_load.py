@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import multiproc as mp
 import numpy as np
 import pytest
 from tiny_hf import make_hf_model
@@ -217,9 +212,10 @@ import hashlib, json, sys
 import jax
 import numpy as np
 
-port, pid, hf_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-out = sys.argv[4].format(pid)
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from slayer_jax.multihost import initialize
+
+assert initialize()  # from the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID the launcher sets
+hf_dir, out = sys.argv[1], sys.argv[2].format(jax.process_index())
 assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
 
 from slayer_jax.io import load_any
@@ -249,40 +245,17 @@ jax.distributed.shutdown()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_two_processes(script: str, args: list[str], timeout: float = 180.0) -> None:
-    """Run ``script`` as processes 0 and 1 of a 2-process JAX job on the CPU (2 devices each);
-    kill both when one fails or the timeout passes, so nothing can hang the suite."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", script, port, str(i), *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for i in range(2)]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        logs = [p.communicate()[0] for p in procs]
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{logs[i][-4000:]}"
+def run_two_processes(script: str, args: list[str], logdir: Path, timeout: float = 180.0) -> None:
+    """``script`` as processes 0 and 1 of a 2-process JAX job on the CPU (2 devices each); a
+    timeout kills both, so nothing can hang the suite."""
+    procs = mp.start(["-c", script, *args], 2, 2, logdir)
+    assert mp.wait(procs, timeout) == [0, 0], mp.logs(logdir, 2)
 
 
 def test_two_processes_each_read_and_hold_only_their_shards(tmp_path):
     d = write_tiny_hf(tmp_path / "hf", "llama2", dtype="bfloat16")
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
-    run_two_processes(CHILD, [str(d), str(tmp_path / "p{}.json")])
+    run_two_processes(CHILD, [str(d), str(tmp_path / "p{}.json")], tmp_path / "logs")
     reports = [json.loads(o.read_text()) for o in outs]
     plain, _, _ = load_hf(d, dtype="float32", progress=False)
     ref = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(plain)[0]}
