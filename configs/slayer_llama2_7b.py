@@ -10,12 +10,14 @@
   bf16, sequence 4096, global batch 1024, 15,900 steps (~80B tokens).
 - Corpus (code + math, as LLaMA Pro): Proof-Pile-2 (EleutherAI/proof-pile-2: algebraic-stack,
   open-web-math, arxiv; 55B tokens) and The-Stack-Dedup Python (bigcode/the-stack-dedup,
-  data/python; 22B tokens, mixture weight 1.5; settings in slayer_jax.configs.paper_scale). `data.source` takes one prepared source;
-  build the mixture into one dataset (e.g. parquet shards) first.
+  data/python; 22B tokens, mixture weight 1.5; settings in slayer_jax.configs.paper_scale). Prepare each corpus
+  once with `slayer data prepare`, then list them with their weights in `data.source`.
 
     slayer plan  --config configs/slayer_llama2_7b.py --mesh data=1,fsdp=4,tensor=1 --device v5p-8
+    slayer data prepare /data/proof-pile-2 --tokenizer /path/to/Llama-2-7b-hf --seq-len 4096 --out gs://b/pp2
+    slayer data prepare /data/stack-python --tokenizer /path/to/Llama-2-7b-hf --seq-len 4096 --out gs://b/py
     slayer train --config configs/slayer_llama2_7b.py --config.model=/path/to/Llama-2-7b-hf \\
-                 --config.data.source=/path/to/mixture
+                 --config.data.source="gs://b/pp2@1.0;gs://b/py@1.5" --config.workdir=gs://b/runs/slayer
 """
 
 from slayer_jax.configs import base_config, paper_scale
