@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,9 +61,9 @@ print(json.dumps({"import_s": t2 - t1, "export_s": t3 - t2, "startup_s": t1 - t0
 SHARDED_CHILD = PEAK_RSS + r"""
 import json, sys, time
 import jax
-src, mode, n_proc, pid, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-if n_proc > 1:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=n_proc, process_id=pid)
+src, mode = sys.argv[1], sys.argv[2]
+from slayer_jax.multihost import initialize
+initialize()  # several processes: from the JAX_* environment the launcher sets
 from slayer_jax.io import load_any
 from slayer_jax.io import safetensors_stream as st
 from slayer_jax.sharding import make_mesh, param_shardings
@@ -133,24 +131,19 @@ def measure(src: Path, out: Path) -> dict:
 
 
 def measure_sharded(src: Path, mode: str, n_proc: int, devices: int, timeout: float = 1800) -> list[dict]:
-    """Per-process results of SHARDED_CHILD in ``n_proc`` processes of ``devices`` CPU devices each."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    procs = [subprocess.Popen([sys.executable, "-c", SHARDED_CHILD, str(src), mode, str(n_proc), str(i), port],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n_proc)]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode:
-            raise SystemExit(err)
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    """Per-process results of SHARDED_CHILD in ``n_proc`` processes of ``devices`` CPU devices each
+    (tests/multiproc.py's localhost launcher: the generic JAX_* environment, a timeout that kills)."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import multiproc as mp
+
+    logdir = Path(tempfile.mkdtemp(prefix="slayer_sharded_"))
+    procs = mp.start(["-c", SHARDED_CHILD, str(src), mode], n_proc, devices, logdir)
+    if mp.wait(procs, timeout) != [0] * n_proc:
+        raise SystemExit(mp.logs(logdir, n_proc))
+    return [json.loads(next(line for line in reversed((logdir / f"proc{i}.log").read_text().splitlines())
+                            if line.startswith("{"))) for i in range(n_proc)]
 
 
 def main_sharded(a: argparse.Namespace, work: Path) -> None:
