@@ -100,6 +100,9 @@ def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
 
 
 # ----------------------------------------------------------------------------- training checkpoints
+HASH_VERSION = "v2:"  # v1 (before multi-process training): sha256 of the fetched bytes, no prefix
+
+
 @jax.jit
 def _leaf_checksum(x: jax.Array) -> jax.Array:
     """Two 32-bit position-weighted sums of a leaf's bits, computed where the leaf lives. Integer
@@ -130,7 +133,7 @@ def tree_hash(tree: Any) -> str:
         sums = replicated_value(_leaf_checksum(x))
         h.update(f"{jax.tree_util.keystr(path)}|{np.dtype(x.dtype)}|{tuple(x.shape)}|".encode())
         h.update(np.ascontiguousarray(sums).tobytes())
-    return h.hexdigest()
+    return HASH_VERSION + h.hexdigest()
 
 
 class TrainCheckpointer:
@@ -183,6 +186,10 @@ class TrainCheckpointer:
             raise SlayerError(f"{self.directory}: no checkpoint to restore")
         saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         meta = json.loads(json.dumps(meta, default=str))  # tuples -> lists, as stored
+        old = saved_meta.get("base_hash")
+        if old and meta.get("base_hash") and not str(old).startswith(HASH_VERSION):
+            raise SlayerError(f"{self.directory}/{step}: checkpoint written by an older slayer_jax (base hash format v1, "
+                              f"data iterator state not per process); it cannot be resumed: start a new workdir")
         for key in ("plan", "layer_map", "model_config", "trainable", "base_hash"):
             if saved_meta.get(key) != meta.get(key):
                 raise SlayerError(f"{self.directory}/{step}: checkpoint field '{key}' does not match this run "

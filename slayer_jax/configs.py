@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.field = ""
     c.data.seq_len = 512
     c.data.separator = "auto"  # after each raw-text document: auto (end-of-text token) | eos | none | a token
-    c.data.packing_bins = 0  # rows the packer keeps open (0 = max(16, per-process batch))
+    c.data.packing_bins = 0  # rows the packer keeps open (0 = max(16, global batch))
     # The record of the upstream corpora a recipe mixes (HF names@weight, see configs/); not read by
     # training: prepare each with `slayer data prepare`, then set data.source to "DIR_A@w;DIR_B@w".
     c.data.mixture = ""

@@ -121,20 +121,34 @@ def _is_saved_dataset(d: Path) -> bool:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a malformed line is a one-line SlayerError."""
-    text = _read_text(path)
-    if not text.strip():
+    try:
+        f = open(path, "rb")  # line by line: a large JSONL is never held whole
+    except OSError as e:
+        raise SlayerError(f"{path}: cannot read ({e.strerror})") from None
+    seen = False
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SlayerError(f"{path}:{lineno}: byte {e.start} is not UTF-8; expected UTF-8 text") from None
+            if not line.strip():
+                continue
+            seen = True
+            yield lineno, _json_object(path, lineno, line)
+    if not seen:
         raise SlayerError(f"{path}: file is empty; expected one JSON object per line")
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SlayerError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                              f"expected one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise SlayerError(f"{path}:{lineno}: a JSON {type(obj).__name__}; expected one JSON object per line")
-        yield lineno, obj
+
+
+def _json_object(path: Path, lineno: int, line: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SlayerError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                          f"expected one JSON object per line") from None
+    if not isinstance(obj, dict):
+        raise SlayerError(f"{path}:{lineno}: a JSON {type(obj).__name__}; expected one JSON object per line")
+    return obj
 
 
 def _check_doc(value: Any, where: str, field: str) -> str | None:
@@ -322,20 +336,26 @@ def check_messages(messages: Any, where: str) -> list[dict]:
 
 def load_chat_jsonl(path: str | os.PathLike) -> list[list[dict]]:
     """The conversations of a JSONL file with one ``{"messages": [{"role", "content"}, ...]}`` per line."""
-    path = Path(path).expanduser()
+    return list(_iter_chat_jsonl(Path(path).expanduser(), "messages"))
+
+
+def _iter_chat_jsonl(path: Path, field: str) -> Iterator[list[dict]]:
+    """The conversations of a chat JSONL file, one line at a time."""
     if not path.is_file():
         raise SlayerError(f"{path}: no such file; expected a chat .jsonl file")
     if path.stat().st_size == 0:
-        raise SlayerError(f"{path}: file is empty; expected one {{\"messages\": [...]}} object per line")
-    chats = []
+        raise SlayerError(f"{path}: file is empty; expected one {{\"{field}\": [...]}} object per line")
+    n = 0
     for lineno, obj in _iter_jsonl(path):
-        if "messages" not in obj:
+        if field not in obj:
+            if field != "messages":
+                raise SlayerError(f"{path}:{lineno}: no field '{field}'; expected a list of messages")
             raise SlayerError(f"{path}:{lineno}: no field 'messages' (fields: {', '.join(obj) or 'none'}); "
                               f"expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
-        chats.append(check_messages(obj["messages"], f"{path}:{lineno}"))
-    if not chats:
-        raise SlayerError(f"{path}: no conversations; expected one {{\"messages\": [...]}} object per line")
-    return chats
+        n += 1
+        yield check_messages(obj[field], f"{path}:{lineno}")
+    if not n:
+        raise SlayerError(f"{path}: no conversations; expected one {{\"{field}\": [...]}} object per line")
 
 
 def load_chats(source: str | os.PathLike, *, field: str = "messages", split: str = "train") -> list[list[dict]]:
@@ -347,14 +367,7 @@ def iter_chats(source: str | os.PathLike, *, field: str = "messages", split: str
     """:func:`load_chats` as a stream, one conversation at a time."""
     src = str(source)
     if Path(src).suffix.lower() == ".jsonl":
-        if field != "messages":
-            path = Path(src).expanduser()
-            for lineno, obj in _iter_jsonl(path):
-                if field not in obj:
-                    raise SlayerError(f"{path}:{lineno}: no field '{field}'; expected a list of messages")
-                yield check_messages(obj[field], f"{path}:{lineno}")
-            return
-        yield from load_chat_jsonl(src)
+        yield from _iter_chat_jsonl(Path(src).expanduser(), field)
         return
     p = Path(src).expanduser()
     if p.is_dir() and _is_saved_dataset(p):
@@ -947,8 +960,9 @@ def make_loader(docs, *, batch_size: int, seed: int, shuffle: bool = True,
           .to_iter_dataset(prefetch threads)
 
       Each row appears exactly once per epoch across processes; the union of the processes'
-      batches is the 1-process global batch. The state is a global batch index: a run may resume
-      with another process count as long as the global batch is the same. ``packing_bins`` is
+      batches is the 1-process global batch. The state is a global batch index, the same on every
+      process (``slayer train`` still resumes only with the process count that saved it: each
+      process restores its own ``process_I-of-N`` file). ``packing_bins`` is
       unused (packing happened at prepare). ``local_rows=slice(lo, hi)`` (rows only, with
       ``shard_count=1`` and ``batch_size`` = the global batch) reads just rows ``lo:hi`` of each
       global batch: the rows ``multihost.local_rows`` says this process's devices hold.

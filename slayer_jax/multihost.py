@@ -17,6 +17,7 @@ spans every device of every process. This module holds what that needs beyond on
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Mapping
 
@@ -63,9 +64,11 @@ def launch_settings(cd: Mapping | None = None, env: Mapping[str, str] | None = N
         values = {k: env.get(e) for k, e in zip(keys, ENV)}
         missing = [k for k in keys if not values[k]]
         together = f"{', '.join(ENV)} go together (or use SLURM / Cloud TPU, which JAX detects itself)"
-    elif _int(env.get("SLURM_NTASKS") or 1, "environment variable SLURM_NTASKS", 1) > 1 or len(
-            [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        return {}
+    elif (env.get("SLAYER_MULTIHOST") == "1"
+          or _int(env.get("SLURM_NTASKS") or 1, "environment variable SLURM_NTASKS", 1) > 1
+          or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+          or _on_cloud_tpu_vm(env)):
+        return {}  # JAX's own cluster detection: SLURM, Cloud TPU metadata
     else:
         return None
     if missing:
@@ -78,6 +81,19 @@ def launch_settings(cd: Mapping | None = None, env: Mapping[str, str] | None = N
             "num_processes": n, "process_id": i}
 
 
+def _on_cloud_tpu_vm(env: Mapping[str, str]) -> bool:
+    """A Cloud TPU VM (its TPU chips are /dev/accel* or /dev/vfio devices): JAX reads the slice's
+    hosts from the VM's metadata server, so ``jax.distributed.initialize()`` needs no argument
+    (on a single-host slice it sets up one process). ``SLAYER_TPU_VM=0`` turns the probe off."""
+    if env.get("SLAYER_TPU_VM") == "0" or env.get("JAX_PLATFORMS", "") == "cpu":
+        return False
+    import glob
+    import importlib.util
+
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
 def initialize(cd: Mapping | None = None) -> bool:
     """Join the other processes (before any JAX computation). Returns True when there are several."""
     settings = launch_settings(cd)
@@ -85,8 +101,9 @@ def initialize(cd: Mapping | None = None) -> bool:
         return False
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
+    timeout = _int(os.environ.get("SLAYER_INIT_TIMEOUT", "300"), "environment variable SLAYER_INIT_TIMEOUT", 1)
     try:
-        jax.distributed.initialize(**settings, initialization_timeout=int(os.environ.get("SLAYER_INIT_TIMEOUT", 300)))
+        jax.distributed.initialize(**settings, initialization_timeout=timeout)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlayerError(f"jax.distributed.initialize({', '.join(f'{k}={v}' for k, v in settings.items())}) "
@@ -95,15 +112,26 @@ def initialize(cd: Mapping | None = None) -> bool:
 
 
 def local_rows(sharding: jax.sharding.Sharding, global_rows: int) -> slice:
-    """The contiguous rows of a ``[global_rows, ...]`` batch that this process's devices hold."""
-    index = sharding.addressable_devices_indices_map((global_rows,))
-    starts = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop) for s in index.values()})
-    lo, hi = starts[0][0], starts[-1][1]
-    covered = sum(b - a for a, b in starts)
-    if covered != hi - lo:
-        raise SlayerError(f"mesh: this process's devices hold rows {starts} of the batch, not one contiguous block; "
-                          f"order the mesh devices by process")
-    return slice(lo, hi)
+    """The contiguous rows of a ``[global_rows, ...]`` batch that this process's devices hold.
+
+    Checked for every process from the global device map (the same on all), so a mesh that does
+    not give each process one contiguous block is refused by every process alike."""
+    rows: dict[int, set] = {}
+    for device, index in sharding.devices_indices_map((global_rows,)).items():
+        sl = index[0]
+        rows.setdefault(device.process_index, set()).add((sl.start or 0, global_rows if sl.stop is None else sl.stop))
+    if jax.process_index() not in rows:
+        raise SlayerError(f"mesh: process {jax.process_index()} holds no device of the mesh; with several processes the "
+                          f"mesh must span every device (num_devices=0)")
+    blocks = {}
+    for proc, spans in sorted(rows.items()):
+        spans = sorted(spans)
+        lo, hi = spans[0][0], spans[-1][1]
+        if sum(b - a for a, b in spans) != hi - lo or any(b > c for (_, b), (c, _) in zip(spans, spans[1:])):
+            raise SlayerError(f"mesh: process {proc}'s devices hold rows {spans} of the batch, not one contiguous "
+                              f"block; order the mesh devices by process")
+        blocks[proc] = slice(lo, hi)
+    return blocks[jax.process_index()]
 
 
 def global_batch(rows: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding,
@@ -133,23 +161,63 @@ def replicated_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+MESSAGE_BYTES = 2048
+
+
+def agree(error: str | None) -> None:
+    """Collective: every process passes its own error (or None); if any has one, every process
+    raises the same one-line SlayerError, so no process is left waiting at the next collective.
+    It is also a barrier."""
+    if jax.process_count() == 1:
+        if error is not None:
+            raise SlayerError(error)
+        return
+    from jax.experimental import multihost_utils
+
+    text = (error or "").encode("utf-8", "replace")[:MESSAGE_BYTES]
+    buf = np.zeros(MESSAGE_BYTES + 1, np.uint8)
+    buf[0] = error is not None
+    buf[1:1 + len(text)] = np.frombuffer(text, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(buf))
+    failed = [i for i in range(every.shape[0]) if every[i, 0]]
+    if failed:
+        first = bytes(every[failed[0], 1:]).rstrip(b"\0").decode("utf-8", "replace")
+        raise SlayerError(first if failed[0] == jax.process_index() else f"process {failed[0]}: {first}")
+
+
+@contextlib.contextmanager
+def together(what: str):
+    """Run the block on this process (it may be process-0-only work, such as writing a log), then
+    :func:`agree`: an error in the block on any process is raised on every process, as one line
+    (``what: error``), instead of killing one process while the others wait."""
+    error = None
+    try:
+        yield
+    except SlayerError as e:
+        error = str(e)
+    except Exception as e:  # noqa: BLE001 -- turned into one line on every process
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        error = f"{what}: {type(e).__name__}{': ' + first if first else ''}"
+    agree(error)
+
+
 def require_shared_dir(path, what: str = "workdir") -> None:
     """Every process must see the same ``path`` (checkpoints are written by all processes into one
     directory). Process 0 writes a token, every process looks for it, and all agree before any
     raises, so none is left waiting at a barrier."""
+    from slayer_jax.storage import as_path
+
+    path = as_path(path)
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    from etils import epath
-
-    path = epath.Path(path)
     token = int(multihost_utils.broadcast_one_to_all(np.int64(np.random.SeedSequence().entropy % (2**62))))
     probe = path / f".shared-check-{token}"
-    if jax.process_index() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text(str(token))
-    multihost_utils.sync_global_devices(f"slayer-shared-dir-{token}")
+    with together(f"{what} {path}"):
+        if jax.process_index() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_text(str(token))
     try:
         seen = probe.exists() and probe.read_text() == str(token)
     except OSError:
@@ -157,7 +225,10 @@ def require_shared_dir(path, what: str = "workdir") -> None:
     seen_all = np.asarray(multihost_utils.process_allgather(np.int32(seen)))
     multihost_utils.sync_global_devices(f"slayer-shared-dir-done-{token}")
     if jax.process_index() == 0:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
     if not seen_all.all():
         blind = [int(i) for i in np.flatnonzero(seen_all == 0)]
         raise SlayerError(f"{what} {path}: processes {blind} of {jax.process_count()} cannot see what process 0 wrote "

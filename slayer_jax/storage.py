@@ -115,7 +115,7 @@ class LineLog:
                 old = fs.cat_file(key)
             except FileNotFoundError:
                 old = b""
-            self._lines = [old if not old or old.endswith(b"\n") else old + b"\n"]
+            self._lines = [line + b"\n" for line in old.splitlines() if line.strip()]
 
     def append(self, text: str) -> None:
         if self._lines is None:
@@ -130,6 +130,23 @@ class LineLog:
         if self._lines is not None:
             fs, key = _fs(self.path)
             fs.pipe_file(key, b"".join(self._lines))
+
+    def keep(self, wanted) -> int:
+        """Drop the lines for which ``wanted(text)`` is false (e.g. steps after the checkpoint a run
+        resumes from, which it will redo); returns how many were dropped. Local files are rewritten
+        atomically, and only when something is dropped."""
+        if self._lines is not None:
+            before = len(self._lines)
+            self._lines = [b for b in self._lines if wanted(b.decode("utf-8").rstrip("\n"))]
+            return before - len(self._lines)
+        p = Path(as_path(self.path))
+        if not p.exists():
+            return 0
+        lines = [line for line in p.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if wanted(line)]
+        if len(kept) != len(lines):
+            write_text_atomic(p, "".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -320,8 +337,13 @@ def summary_writer(logdir: str | os.PathLike, **kwargs: Any):
 
 def cached_copy(url: str) -> Path:
     """A local copy of the gs:// directory ``url`` (a model, a prepared corpus) under
-    ``$SLAYER_CACHE/remote/``, fetched once per host; a copy whose files differ in name or size
-    from the bucket's is fetched again (:func:`download_tree`: never left half-written)."""
+    ``$SLAYER_CACHE/remote/``, fetched once per host and fetched again when any object changed
+    (name, size, generation or checksum, recorded beside the copy). Processes sharing the cache
+    (several per host, or a shared cache directory) take turns under a file lock, so only one
+    downloads; :func:`download_tree` never leaves a copy half-written."""
+    import fcntl
+    import json
+
     import fsspec
 
     from slayer_jax.errors import SlayerError
@@ -332,13 +354,24 @@ def cached_copy(url: str) -> Path:
     fs, root = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
     try:
-        remote = {p[len(root.rstrip("/")) + 1:]: int(i["size"]) for p, i in fs.find(root, detail=True).items()}
+        found = fs.find(root, detail=True)
     except FileNotFoundError:
-        remote = {}
-    if not remote:
+        found = {}
+    prefix = root.rstrip("/") + "/"
+    listing = {p[len(prefix):]: [int(i.get("size") or 0), str(i.get("generation") or i.get("md5Hash")
+                                                              or i.get("crc32c") or i.get("mtime") or "")]
+               for p, i in found.items() if p.startswith(prefix)}
+    if not listing:
         raise SlayerError(f"{url}: not found or empty; expected a directory of files")
-    have = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()} \
-        if local.is_dir() else {}
-    if have != remote:
-        download_tree(url, local)
+    record = local.parent / f".{local.name}.listing.json"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local.parent / f".{local.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            have = json.loads(record.read_text()) if record.exists() and local.is_dir() else None
+        except (OSError, json.JSONDecodeError):
+            have = None
+        if have != listing:
+            download_tree(url, local)
+            write_text_atomic(record, json.dumps(listing, sort_keys=True))
     return local

@@ -282,6 +282,52 @@ def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int,
     return "\n".join(lines)
 
 
+class RunLogs:
+    """Process 0's logs of a run: ``metrics.jsonl`` and TensorBoard events under the workdir (local
+    or gs://). Opening them may fail (the caller turns that into an error on every process); once
+    training runs, a failed write only warns, once, so a full disk or a GCS hiccup on process 0
+    cannot kill it while the other processes wait in the next step. On resume from step ``start``
+    the log keeps only the lines of steps up to ``start`` (the later ones are redone)."""
+
+    def __init__(self, workdir, start: int):
+        import json
+
+        from slayer_jax import storage
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.metrics = storage.LineLog(workdir / "metrics.jsonl")
+        self.metrics.keep(lambda line: json.loads(line).get("step", 0) <= start)
+        self.writer = storage.summary_writer(workdir / "tb")
+        self.warned = False
+
+    def _safely(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 -- logging must not stop a pod
+            if not self.warned:
+                import sys
+
+                print(f"warning: writing the run's logs failed ({type(e).__name__}: {e}); training goes on, "
+                      f"later failures are not reported", file=sys.stderr, flush=True)
+                self.warned = True
+
+    def record(self, rec: dict) -> None:
+        import json
+
+        self._safely(self.metrics.append, json.dumps(rec))
+        for k, v in rec.items():
+            if k != "step" and v is not None:
+                self._safely(self.writer.add_scalar, f"train/{k}", v, rec["step"])
+
+    def flush(self) -> None:
+        self._safely(self.metrics.flush)
+        self._safely(self.writer.flush)
+
+    def close(self) -> None:
+        self._safely(self.metrics.flush)
+        self._safely(self.writer.close)
+
+
 def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = None) -> dict[str, Any]:
     """load -> (surgery) -> masked sharded training -> HF export. Returns a summary dict.
 
@@ -308,6 +354,9 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     workdir = storage.as_path(c.workdir)  # local, shared or gs://
     is_main = jax.process_index() == 0
     n_dev = int(c.get("num_devices", 0) or 0)
+    if n_dev and jax.process_count() > 1 and n_dev != jax.device_count():
+        raise SlayerError(f"config: num_devices is {n_dev}; with {jax.process_count()} processes the mesh must span "
+                          f"every device (num_devices=0)")
     mesh = make_mesh(c.mesh, devices=jax.devices()[:n_dev] if n_dev else None)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if int(c.batch_size) % (dp * int(c.get("grad_accum", 1))):
@@ -403,11 +452,8 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if c.get("full_finetune", False) or plan is None:
         fpt["masked"] = fpt["full"]
     peak = device_peak_flops()
-    writer = None
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        writer = storage.summary_writer(workdir / "tb")
-    metrics = storage.LineLog(workdir / "metrics.jsonl") if is_main else None
+    with multihost.together(f"workdir {workdir}"):  # process 0 opens the logs; a failure stops every process
+        logs = RunLogs(workdir, start) if is_main else None
     history = []
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not is_main)
     t_last, tokens_since = time.perf_counter(), 0.0
@@ -448,23 +494,18 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                 t_last = time.perf_counter()  # keep evaluation out of tokens/s
             history.append(rec)
             if is_main:
-                metrics.append(json.dumps(rec))
-                for k, v in rec.items():
-                    if k != "step" and v is not None:
-                        writer.add_scalar(f"train/{k}", v, step)
+                logs.record(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
             if step % int(c.checkpoint.every) == 0 or step == steps:
                 ckpt.save(step, state, loader, meta)
                 if is_main:  # remote logs are written out once per checkpoint
-                    metrics.flush()
-                    writer.flush()
+                    logs.flush()
     finally:
         bar.close()
         ckpt.close()
-        if is_main:
-            metrics.flush()
-            writer.close()
+        if logs is not None:
+            logs.close()
 
     final = merge_params(state["trainable"], frozen)
     export_dir = None

@@ -34,6 +34,7 @@ def test_launch_settings_read_the_generic_environment_and_the_config():
     assert launch_settings(None, {"SLURM_NTASKS": "1"}) is None
     assert launch_settings(None, {"SLURM_NTASKS": "8"}) == {}  # JAX's SLURM detection
     assert launch_settings(None, {"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == {}  # Cloud TPU metadata
+    assert launch_settings(None, {"SLAYER_MULTIHOST": "1"}) == {}  # launch/tpu_vm.sh: JAX reads the TPU VM metadata
 
 
 @pytest.mark.parametrize("cd,env,line", [
@@ -68,6 +69,52 @@ def test_partial_environment_through_the_cli_exits_2_without_a_traceback(tmp_pat
     assert "Traceback" not in r.stderr
     assert "environment variable JAX_NUM_PROCESSES is not set" in r.stderr
     assert not (tmp_path / "w").exists()
+
+
+FAILING_CHILD = r"""
+import sys
+import jax
+import jax.numpy as jnp
+from slayer_jax.errors import SlayerError
+from slayer_jax import multihost
+
+assert multihost.initialize()
+try:
+    if sys.argv[1] == "together":  # process 0 alone fails inside a block
+        with multihost.together("writing the logs"):
+            if jax.process_index() == 0:
+                raise OSError(28, "No space left on device")
+    else:  # an export whose directory process 0 cannot create, of weights sharded over both processes
+        from slayer_jax.config import ModelConfig
+        from slayer_jax.io.hf import save_hf
+        from slayer_jax.model import init_params
+        from slayer_jax.sharding import make_mesh, param_shardings
+
+        cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8)
+        params = init_params(cfg, 2, jax.random.PRNGKey(0))
+        params = jax.device_put(params, param_shardings(params, make_mesh("fsdp=4")))
+        save_hf(params, cfg, sys.argv[2], progress=False)
+    print("NO ERROR", flush=True)
+except SlayerError as e:
+    print(f"ERROR {e}", flush=True)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("mode", ["together", "export"])
+def test_a_failure_on_process_0_alone_stops_every_process_with_its_line(tmp_path, mode):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    procs = mp.start(["-c", FAILING_CHILD, mode, str(blocker / "export")], 2, 2, tmp_path / "logs")
+    codes = mp.wait(procs, 240)  # a process left waiting at a collective would time out here
+    out = [(tmp_path / "logs" / f"proc{i}.log").read_text() for i in range(2)]
+    assert codes == [2, 2], out
+    want = "writing the logs: OSError: [Errno 28] No space left on device" if mode == "together" else (
+        f"export {blocker / 'export'}: ")
+    assert f"ERROR {want}" in out[0], out[0]
+    assert f"ERROR process 0: {want}" in out[1], out[1]
+    assert all("Traceback" not in o for o in out)
 
 
 # ----------------------------------------------------------------------------- training
@@ -200,11 +247,14 @@ def test_sigkill_both_processes_and_resume_bit_for_bit(setup):
         mp.kill(procs)  # SIGKILL to both process groups
     done = len(metrics.read_text().splitlines())
     assert done < steps
+    assert done >= 5
     resumed = train(setup, name, 2, 2, "fsdp=4", steps=steps)
     log0 = (setup / f"{name}.logs" / "proc0.log").read_text()
     assert "resuming from it" in log0 and "resumed from step" in log0
     a, b = records(ref), records(resumed)
     assert sorted(b) == list(range(1, steps + 1))
+    lines = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, steps + 1))  # the steps after the restored checkpoint were dropped, then redone
     for s in range(1, steps + 1):
         assert b[s]["loss"] == a[s]["loss"] and b[s]["grad_norm"] == a[s]["grad_norm"], s
     w_a, w_b = weights(ref / "hf"), weights(resumed / "hf")

@@ -257,19 +257,20 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
     ``out_dir`` may be gs://: the directory is written to a local temporary directory, then
     uploaded (:func:`slayer_jax.storage.copy_tree`).
     """
-    from slayer_jax import storage
+    from slayer_jax import multihost, storage
 
     if storage.is_remote(out_dir):
         remote = storage.as_path(out_dir)
-        if jax.process_index() == 0 and remote.exists() and not overwrite:
+        if remote.exists() and not overwrite:  # every process sees the same bucket: all raise alike
             raise SlayerError(f"{remote}: already exists; pass overwrite=True (--overwrite) to replace it")
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="slayer_export_") as staging:
             local = save_hf(params, cfg, Path(staging) / "export", tokenizer=tokenizer, extra_config=extra_config,
                             shard_bytes=shard_bytes, dtype=dtype, progress=progress)
-            if jax.process_index() == 0:
-                storage.copy_tree(local, remote)
+            with multihost.together(f"export to {remote}"):  # the others wait for the upload, and learn its fate
+                if jax.process_index() == 0:
+                    storage.copy_tree(local, remote)
         return remote
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -309,9 +310,12 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
 
     bar = tqdm(total=len(specs), desc=f"export {out_dir.name}", unit="tensor", disable=None if progress else True, file=sys.stderr)
 
+    gathered = [0]
+
     def get(name: str) -> np.ndarray:
         tree_path, transposed = transposed_of[name]
         arr = _host_copy(_get(params, tree_path))
+        gathered[0] += 1
         if transposed:
             arr = arr.T
         if out_dtype is not None:
@@ -322,7 +326,23 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
     if jax.process_count() > 1 and jax.process_index() != 0:
         for s in specs:  # take part in each tensor's all-gather; process 0 writes
             _host_copy(_get(params, transposed_of[s[0]][0]))
+        multihost.agree(None)  # process 0's outcome: raised here too if its write failed
         return out_dir
+    try:
+        _write_hf_dir(out_dir, names, shards, specs, get, bar, cfg, n_layers, extra_config, tokenizer)
+    except BaseException as e:
+        if jax.process_count() > 1:  # keep the all-gathers in step with the other processes, then fail together
+            for s in specs[gathered[0]:]:
+                _host_copy(_get(params, transposed_of[s[0]][0]))
+            multihost.agree(f"export {out_dir}: {type(e).__name__}: {e}")
+        raise
+    multihost.agree(None)
+    return out_dir
+
+
+def _write_hf_dir(out_dir: Path, names, shards, specs, get, bar, cfg: ModelConfig, n_layers: int,
+                  extra_config: dict | None, tokenizer: Any) -> None:
+    """Process 0's part of :func:`save_hf`: the files, into a temporary directory renamed into place."""
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
