@@ -38,6 +38,18 @@ def save_model(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: An
                extra_config: dict | None = None, overwrite: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
+    from slayer_jax import storage
+
+    if storage.is_remote(path):  # gs://: written locally, then uploaded
+        import tempfile
+
+        remote = storage.as_path(path)
+        if remote.exists() and not overwrite:
+            raise SlayerError(f"{remote}: already exists; pass --overwrite to replace it")
+        with tempfile.TemporaryDirectory(prefix="slayer_ckpt_") as staging:
+            save_model(Path(staging) / "model", params, cfg, tokenizer=tokenizer, extra_config=extra_config)
+            storage.copy_tree(Path(staging) / "model", remote)
+        return remote
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise SlayerError(f"{path}: already exists; pass --overwrite to replace it")

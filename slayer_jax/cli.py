@@ -31,7 +31,9 @@ def _save(params, cfg, tok, out: str, to: str, overwrite: bool, dtype=None, extr
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
-    if Path(out).exists() and not overwrite:
+    from slayer_jax.storage import as_path
+
+    if as_path(out).exists() and not overwrite:
         raise SlayerError(f"{out}: already exists; pass --overwrite to replace it")
 
 
@@ -49,9 +51,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     from slayer_jax.checkpoint import load_model
     from slayer_jax.io.hf import read_slayer_metadata, save_hf
 
+    from slayer_jax.storage import cached_copy, is_remote
+
     _refuse_existing(a.out, a.overwrite)
-    params, cfg, tok = load_model(a.ckpt)
-    meta = read_slayer_metadata(a.ckpt)
+    ckpt = cached_copy(a.ckpt) if is_remote(a.ckpt) else a.ckpt
+    params, cfg, tok = load_model(ckpt)
+    meta = read_slayer_metadata(ckpt)
     out = save_hf(params, cfg, a.out, tokenizer=tok, overwrite=a.overwrite, dtype=a.dtype,
                   extra_config={"slayer": meta} if meta else None)
     print(f"exported {len(params['layers'])} layers to {out}")

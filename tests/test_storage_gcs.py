@@ -331,3 +331,21 @@ def test_prepared_corpus_written_to_and_read_from_gs(gcs_dir, tmp_path, monkeypa
         assert np.array_equal(ra[k], rb[k]), k
     with pytest.raises(Exception, match="already exists"):
         P.prepare_corpus(src, tok, f"{gcs_dir}/prep", seq_len=48)
+
+
+def test_convert_to_a_gs_checkpoint_and_export_from_it(gcs_dir, tmp_path, monkeypatch):
+    """`slayer convert --to checkpoint --out gs://...`, then `slayer export gs://... DIR`: the same
+    weights as a local round trip; an existing gs:// output is refused without --overwrite."""
+    from safetensors.numpy import load_file
+
+    from slayer_jax.cli import main
+    from tiny_tok import make_exported_model
+
+    monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
+    model = make_exported_model(tmp_path / "model", layers=2)
+    assert main(["convert", str(model), f"{gcs_dir}/ckpt", "--to", "checkpoint"]) == 0
+    assert "ckpt/config.json" in [f"ckpt/{k}" for k in _objects(f"{gcs_dir}/ckpt")]
+    assert main(["export", f"{gcs_dir}/ckpt", str(tmp_path / "back")]) == 0
+    a, b = load_file(str(model / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert main(["convert", str(model), f"{gcs_dir}/ckpt", "--to", "checkpoint"]) == 2
