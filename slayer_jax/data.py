@@ -1126,7 +1126,12 @@ def iter_pieces(source: str | os.PathLike, tokenizer, seq_len: int, *, stats: Pa
     all ones)`` pieces of at most ``seq_len`` tokens, in source order, with ``stats`` filled in as
     it goes (complete once the stream is exhausted). :func:`make_dataset` collects it;
     ``slayer data prepare`` (:mod:`slayer_jax.prepare`) writes it to shards without holding the corpus.
-    Arguments as :func:`make_dataset`."""
+    Arguments as :func:`make_dataset`. A gs:// file or directory is fetched once per host into the
+    cache first (:func:`slayer_jax.storage.cached_copy`)."""
+    from slayer_jax import storage
+
+    if storage.is_remote(source):
+        source = storage.cached_copy(str(source))
     if int(seq_len) < 1:
         raise SlayerError(f"seq_len: {seq_len}; expected a positive integer")
     if mode not in ("text", "sft"):

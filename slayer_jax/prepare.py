@@ -241,12 +241,20 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     if storage.is_remote(out):  # gs://: written locally, then uploaded (array_record writes local files)
         import tempfile
 
-        if storage.as_path(out).exists() and not overwrite:
-            raise SlayerError(f"{storage.as_path(out)}: already exists; pass --overwrite to replace it")
+        remote = storage.as_path(out)
+        if remote.exists() and not overwrite:
+            raise SlayerError(f"{remote}: already exists; pass --overwrite to replace it")
+        probe = remote / f".write-check-{os.getpid()}"
+        try:  # a wrong bucket or missing permission fails now, not after hours of tokenising
+            probe.write_text("ok")
+            probe.unlink()
+        except Exception as e:  # noqa: BLE001 -- any storage error, as one line
+            raise SlayerError(f"{remote}: cannot write there ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              ) from None
         args = dict(seq_len=seq_len, mode=mode, field=field, split=split, separator=separator, add_bos=add_bos,
                     long_docs=long_docs, shards=shards, packing_bins=packing_bins, seed=seed, shuffle=shuffle,
                     tokenizer_name=tokenizer_name, sha256=sha256, progress=progress)
-        with tempfile.TemporaryDirectory(prefix="slayer_prepare_") as staging:
+        with tempfile.TemporaryDirectory(prefix="slayer_prepare_") as staging:  # $TMPDIR chooses the disk
             manifest = prepare_corpus(source, tokenizer, Path(staging) / "out", **args)
             storage.copy_tree(Path(staging) / "out", out)
         return manifest

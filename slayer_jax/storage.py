@@ -191,10 +191,14 @@ def _stage_dir(dst: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
 
 
+MARKER_FILES = ("manifest.json", "config.json")  # what is_prepared / a model loader look for first
+
+
 def copy_tree(src_local_dir: str | os.PathLike, dst: str | os.PathLike) -> epath.Path:
     """Publish the finished local directory ``src_local_dir`` at ``dst``, replacing what was there.
 
-    gs://: every file is uploaded to ``dst/<relative path>`` (concurrently), then objects under
+    gs://: every file is uploaded to ``dst/<relative path>`` (concurrently; the top-level
+    ``MARKER_FILES`` last), then objects under
     ``dst/`` that the source lacks (e.g. shards of an older export) are deleted. GCS has no
     directory rename, so readers may see the new files appear one by one: publish before telling
     anyone the path. Empty directories are not represented.
@@ -208,8 +212,16 @@ def copy_tree(src_local_dir: str | os.PathLike, dst: str | os.PathLike) -> epath
     rels = [p.relative_to(src).as_posix() for p in files]
     if is_remote(dst):
         fs, root = _fs(_str(dst))
-        if files:
-            fs.put([str(p) for p in files], [f"{root}/{r}" for r in rels])
+        # The files that make a directory recognisable (a prepared corpus's manifest, a model's
+        # config) are removed first and uploaded last: an interrupted upload is never taken for a
+        # complete one, old or new.
+        marks = [i for i, r in enumerate(rels) if r in MARKER_FILES]
+        for i in marks:
+            if fs.exists(f"{root}/{rels[i]}"):
+                fs.rm(f"{root}/{rels[i]}")
+        for batch in ([i for i in range(len(files)) if i not in marks], marks):
+            if batch:
+                fs.put([str(files[i]) for i in batch], [f"{root}/{rels[i]}" for i in batch])
         fs.invalidate_cache()
         keep = {f"{root}/{r}" for r in rels}
         stale = [k for k in fs.find(root) if k.startswith(root + "/") and k not in keep]
@@ -336,7 +348,7 @@ def summary_writer(logdir: str | os.PathLike, **kwargs: Any):
 
 
 def cached_copy(url: str) -> Path:
-    """A local copy of the gs:// directory ``url`` (a model, a prepared corpus) under
+    """A local copy of the gs:// file or directory ``url`` (a model, a corpus) under
     ``$SLAYER_CACHE/remote/``, fetched once per host and fetched again when any object changed
     (name, size, generation or checksum, recorded beside the copy). Processes sharing the cache
     (several per host, or a shared cache directory) take turns under a file lock, so only one
@@ -358,20 +370,26 @@ def cached_copy(url: str) -> Path:
     except FileNotFoundError:
         found = {}
     prefix = root.rstrip("/") + "/"
-    listing = {p[len(prefix):]: [int(i.get("size") or 0), str(i.get("generation") or i.get("md5Hash")
-                                                              or i.get("crc32c") or i.get("mtime") or "")]
-               for p, i in found.items() if p.startswith(prefix)}
+    listing = {("" if p == root.rstrip("/") else p[len(prefix):]): [
+        int(i.get("size") or 0), str(i.get("generation") or i.get("md5Hash") or i.get("crc32c") or i.get("mtime") or "")]
+        for p, i in found.items() if p.startswith(prefix) or p == root.rstrip("/")}
     if not listing:
-        raise SlayerError(f"{url}: not found or empty; expected a directory of files")
+        raise SlayerError(f"{url}: not found or empty; expected a file or a directory of files")
+    single = list(listing) == [""]  # one object (a .jsonl, .parquet, .gguf file), not a directory
     record = local.parent / f".{local.name}.listing.json"
     local.parent.mkdir(parents=True, exist_ok=True)
     with open(local.parent / f".{local.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            have = json.loads(record.read_text()) if record.exists() and local.is_dir() else None
+            have = json.loads(record.read_text()) if record.exists() and local.exists() else None
         except (OSError, json.JSONDecodeError):
             have = None
         if have != listing:
-            download_tree(url, local)
+            if single:
+                staged = local.parent / f".{local.name}.part-{os.getpid()}"
+                fs.get(root, str(staged))
+                os.replace(staged, local)
+            else:
+                download_tree(url, local)
             write_text_atomic(record, json.dumps(listing, sort_keys=True))
     return local

@@ -349,3 +349,22 @@ def test_convert_to_a_gs_checkpoint_and_export_from_it(gcs_dir, tmp_path, monkey
     a, b = load_file(str(model / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert main(["convert", str(model), f"{gcs_dir}/ckpt", "--to", "checkpoint"]) == 2
+
+
+def test_a_raw_gs_corpus_tokenises_like_the_local_file(gcs_dir, tmp_path, monkeypatch):
+    from slayer_jax.data import make_dataset
+    from tiny_tok import corpus, make_tokenizer
+
+    monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus()))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{gcs_dir}/corpus.jsonl")
+    fs.put(str(src), root)
+    tok = make_tokenizer()
+    a, b = make_dataset(src, tok, 48), make_dataset(f"{gcs_dir}/corpus.jsonl", tok, 48)
+    assert a.stats == b.stats and a.fingerprint() == b.fingerprint()
+    src.write_text(src.read_text() + json.dumps({"text": "one more document"}) + "\n")
+    fs.put(str(src), root)  # a changed object is fetched again
+    assert make_dataset(f"{gcs_dir}/corpus.jsonl", tok, 48).stats.documents == a.stats.documents + 1
