@@ -26,29 +26,75 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from slayer_jax.config import ModelConfig, load_config
 from slayer_jax.errors import SlayerError
-from slayer_jax.sharding import AXES, param_specs, parse_mesh
+from slayer_jax.sharding import AXES, opt_state_specs, param_specs, parse_mesh
 
-# HBM per device in bytes, and chips per slice where the name fixes it.
-ACCELERATORS = {
-    "v5p-8": {"hbm": 95 * 2**30, "devices": 4},
-    "v5e-8": {"hbm": 16 * 2**30, "devices": 8},
-    "v6e-8": {"hbm": 32 * 2**30, "devices": 8},
-    "h100-80gb": {"hbm": 80 * 2**30, "devices": None},
+# Per chip: HBM, dense bf16 peak FLOP/s. TPU names are gcloud accelerator types: v4-N and v5p-N
+# count TensorCores (2 per chip), v5litepod-N and v6e-N count chips. GPUs: one device each.
+TPU_GENERATIONS = {
+    "v4": {"topology": "v4", "dims": 3, "cores_per_chip": 2, "hbm": 32 * 2**30, "peak": 275e12},
+    "v5p": {"topology": "v5p", "dims": 3, "cores_per_chip": 2, "hbm": 95 * 2**30, "peak": 459e12},
+    "v5litepod": {"topology": "v5e", "dims": 2, "cores_per_chip": 1, "hbm": 16 * 2**30, "peak": 197e12},
+    "v5e": {"topology": "v5e", "dims": 2, "cores_per_chip": 1, "hbm": 16 * 2**30, "peak": 197e12},
+    "v6e": {"topology": "v6e", "dims": 2, "cores_per_chip": 1, "hbm": 32 * 2**30, "peak": 918e12},
 }
+GPUS = {"h100-80gb": {"hbm": 80 * 2**30, "peak": 989e12}, "h200": {"hbm": 141 * 2**30, "peak": 989e12},
+        "a100-80gb": {"hbm": 80 * 2**30, "peak": 312e12}}
+_TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+                512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def accelerator(device: str) -> dict[str, Any]:
+    """``--device`` -> {name, kind (tpu|gpu), chips (None: from the mesh), hbm, peak, topology...}."""
+    name = device.strip().lower()
+    if name in GPUS:
+        return {"name": name, "kind": "gpu", "chips": None, **GPUS[name]}
+    gen, _, count = name.rpartition("-")
+    if gen in TPU_GENERATIONS and count.isdigit():
+        g = TPU_GENERATIONS[gen]
+        chips = int(count) // g["cores_per_chip"]
+        shapes = _TOPOLOGY_3D if g["dims"] == 3 else _TOPOLOGY_2D
+        if chips in shapes and int(count) % g["cores_per_chip"] == 0:
+            single_host = g["dims"] == 2 and chips <= 8
+            return {"name": name, "kind": "tpu", "chips": chips, "hbm": g["hbm"], "peak": g["peak"],
+                    "topology": f"{g['topology']}:{shapes[chips]}",
+                    "chips_per_host_bounds": ((2, 4, 1) if chips == 8 else (2, 2, 1) if chips == 4 else (1, 1, 1))
+                    if single_host else (2, 2, 1),
+                    "chip_config": "megacore" if g["dims"] == 3 else "default"}
+        sizes = sorted(k * g["cores_per_chip"] for k in shapes)
+        raise SlayerError(f"--device: {device!r}: a {gen} slice has {', '.join(map(str, sizes))} in its name")
+    raise SlayerError(f"--device: {device!r}; expected a TPU type (v4-N, v5p-N, v5litepod-N, v6e-N) or a GPU "
+                      f"({', '.join(GPUS)})")
+
+
+def tpu_devices(acc: dict[str, Any]) -> list:
+    """The devices of a TPU slice for ahead-of-time compilation on any machine (libtpu's deviceless
+    topology), or a SlayerError when libtpu is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise SlayerError("libtpu is not installed; `pip install slayer_jax[tpu]` compiles for real TPU topologies")
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=acc["topology"],
+                                        chip_config_name=acc["chip_config"],
+                                        chips_per_host_bounds=acc["chips_per_host_bounds"], num_slices=1)
+    return list(topo.devices)
 
 
 def model_config_of(c) -> tuple[ModelConfig, int]:
-    """The model's config without weights: ``model_config`` (a known name) or ``model/config.json``."""
+    """The model's config without weights: ``model/config.json`` when the model is a local
+    directory, else ``model_config`` (a known name)."""
     from pathlib import Path
 
     from slayer_jax.known_models import known_config
 
+    path = Path(str(c.model))
+    if path.is_dir() and (path / "config.json").exists():  # the model's own config wins: it is what trains
+        return load_config(path)
     name = c.get("model_config", "")
     if name:
         return known_config(name)
-    path = Path(str(c.model))
-    if path.is_dir() and (path / "config.json").exists():
-        return load_config(path)
     if str(c.model) == "default":
         return known_config("smollm2_135m")
     raise SlayerError(f"config: field 'model_config' is empty and {c.model} has no local config.json; "
@@ -107,26 +153,6 @@ def sharded_bytes(tree: Any, specs: Any, mesh) -> int:
     return total
 
 
-def opt_state_specs(opt_state: Any, trainable: Any, trainable_specs: Any) -> Any:
-    """Adam's moments mirror the trainable tree: give each moment leaf its parameter's spec
-    (matched by key path suffix), scalars (counts) replicated."""
-    by_path = {}
-    for (path, _), spec in zip(jax.tree_util.tree_flatten_with_path(trainable)[0],
-                               jax.tree_util.tree_leaves(trainable_specs, is_leaf=lambda s: isinstance(s, P))):
-        by_path[jax.tree_util.keystr(path)] = spec
-
-    def pick(path, x):
-        s = jax.tree_util.keystr(path)
-        for p, spec in by_path.items():
-            if s.endswith(p):
-                return spec
-        if x.ndim:
-            raise SlayerError(f"sharding: optimizer leaf {s} matches no parameter")
-        return P()
-
-    return jax.tree_util.tree_map_with_path(pick, opt_state)
-
-
 def activation_bytes(cfg: ModelConfig, lmap: list, tokens_per_device: int, remat: str, compute_bytes: int,
                      tensor: int) -> int:
     """Estimate of activations kept for the backward pass on one device (an estimate, not XLA's
@@ -155,18 +181,33 @@ def activation_bytes(cfg: ModelConfig, lmap: list, tokens_per_device: int, remat
     return kept * per_layer + logits + working
 
 
+def mesh_for(mesh_spec: str | None, acc: dict[str, Any]) -> dict[str, int]:
+    """The mesh shape for a plan: ``mesh_spec`` (one axis may be -1 on a TPU slice, whose chip
+    count is known), or all chips on ``fsdp`` when it is empty."""
+    spec = mesh_spec or ("fsdp=-1" if acc["chips"] else "")
+    if not spec:
+        raise SlayerError(f"--mesh: needed for {acc['name']} (how many GPUs): e.g. data=1,fsdp=8,tensor=1")
+    shape = parse_mesh(spec)
+    free = [a for a, v in shape.items() if v == -1]
+    if free and acc["chips"]:
+        known = math.prod(v for v in shape.values() if v != -1)
+        if len(free) > 1 or acc["chips"] % known:
+            raise SlayerError(f"--mesh: {spec} does not divide the {acc['chips']} chips of a {acc['name']}")
+        shape[free[0]] = acc["chips"] // known
+    if any(v < 1 for v in shape.values()):
+        raise SlayerError(f"--mesh: {spec!r}: every axis needs an explicit size >= 1 for planning")
+    n = math.prod(shape.values())
+    if acc["chips"] is not None and acc["chips"] != n:
+        raise SlayerError(f"--mesh: {spec} has {n} devices but a {acc['name']} slice has {acc['chips']} chips")
+    return shape
+
+
 def plan_memory(c, mesh_spec: str, device: str, num_layers: int | None = None) -> dict[str, Any]:
     from slayer_jax.train import OptimConfig, init_state, make_optimizer
 
-    if device not in ACCELERATORS:
-        raise SlayerError(f"--device: {device!r} is not one of {sorted(ACCELERATORS)}")
-    shape = parse_mesh(mesh_spec)
-    if any(v < 1 for v in shape.values()):
-        raise SlayerError(f"--mesh: {mesh_spec!r}: every axis needs an explicit size >= 1 for planning")
+    acc = accelerator(device)
+    shape = mesh_for(mesh_spec, acc)
     n_dev = math.prod(shape.values())
-    want = ACCELERATORS[device]["devices"]
-    if want is not None and want != n_dev:
-        raise SlayerError(f"--mesh: {mesh_spec} has {n_dev} devices but a {device} slice has {want}")
     mesh = _abstract_mesh(shape)
     tr, fr, mask, lmap, cfg = abstract_run(c, num_layers)
     tr_specs, fr_specs = param_specs(tr, mesh), param_specs(fr, mesh)
@@ -192,7 +233,7 @@ def plan_memory(c, mesh_spec: str, device: str, num_layers: int | None = None) -
             "activations_estimate": activation_bytes(cfg, lmap, tokens, c.get("remat", "none") or "none",
                                                      compute_bytes, shape["tensor"]),
         },
-        "hbm_per_device": ACCELERATORS[device]["hbm"],
+        "hbm_per_device": acc["hbm"],
         "specs": {"trainable": tr_specs, "frozen": fr_specs, "opt_state": opt_specs},
         "abstract": {"trainable": tr, "frozen": fr, "opt_state": state["opt_state"]},
     }
@@ -201,50 +242,97 @@ def plan_memory(c, mesh_spec: str, device: str, num_layers: int | None = None) -
     return out
 
 
-def compile_for_mesh(c, mesh_spec: str, num_layers: int | None = None) -> dict[str, Any]:
-    """Lower and compile the real train step for a CPU mesh of the same shape (needs that many
-    CPU devices: the CLI sets XLA_FLAGS before jax starts)."""
-    from slayer_jax.sharding import batch_sharding, make_mesh, param_shardings
-    from slayer_jax.train import OptimConfig, StepConfig, init_state, make_optimizer, train_step
+def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None = None,
+                 target: str = "auto") -> dict[str, Any]:
+    """Lower and compile the step ``slayer train`` runs (:func:`slayer_jax.train.build_step`) for the
+    target's devices, and report the compiler's own figures.
 
-    shape = parse_mesh(mesh_spec)
+    ``target``: ``tpu`` compiles for the real TPU topology of ``device`` through libtpu's deviceless
+    compilation (any machine); ``cpu`` for a simulated CPU mesh of the same device count (the CLI
+    sets XLA_FLAGS before jax starts); ``auto``: tpu when ``device`` is a TPU and libtpu is
+    installed, else cpu. Figures are the compiler's estimates, not measurements: per-device bytes
+    (arguments, temporaries, outputs), FLOPs, and for TPUs ``optimal_seconds`` and the MFU it implies."""
+    import importlib.util
+
+    from slayer_jax.sharding import make_mesh
+    from slayer_jax.train import build_step, flops_per_token, hlo_fingerprint
+
+    acc = accelerator(device)
+    shape = mesh_for(mesh_spec, acc)
     n = math.prod(shape.values())
-    if jax.device_count() < n:
-        raise SlayerError(f"--mesh: needs {n} devices but jax sees {jax.device_count()}; run with "
-                          f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (slayer plan sets it itself)")
-    mesh = make_mesh(shape, devices=jax.devices()[:n])
+    if target == "auto":
+        target = "tpu" if acc["kind"] == "tpu" and importlib.util.find_spec("libtpu") is not None else "cpu"
+    if target == "tpu":
+        devices = tpu_devices(acc)
+    else:
+        if jax.device_count() < n:
+            raise SlayerError(f"--mesh: needs {n} devices but jax sees {jax.device_count()}; run with "
+                              f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (slayer plan sets it itself)")
+        devices = jax.devices()[:n]
+    mesh = make_mesh(shape, devices=devices)
     tr, fr, mask, lmap, cfg = abstract_run(c, num_layers)
-    tr_sh, fr_sh = param_shardings(tr, mesh), param_shardings(fr, mesh)
-    tx = make_optimizer(OptimConfig(total_steps=int(c.steps)))
-    state_abs = jax.eval_shape(functools.partial(init_state, tx=tx), tr)
-    opt_sh = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s),
-                                    opt_state_specs(state_abs["opt_state"], tr, param_specs(tr, mesh)),
-                                    is_leaf=lambda s: isinstance(s, P))
-    rep = NamedSharding(mesh, P())
-    st_sh = {"step": rep, "trainable": tr_sh, "opt_state": opt_sh, "rng": rep}
-    b_sh = batch_sharding(mesh)
+    program = build_step(c, cfg, mesh, tr, fr, int(c.steps))
     B, T = int(c.batch_size), int(c.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "weights" else jnp.int32, sharding=b_sh)
-             for k in ("inputs", "targets", "positions", "segment_ids", "weights")}
-    with_sh = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-    sc = StepConfig(cfg, dtype=c.dtype, remat=(c.get("remat", None) or None), grad_accum=int(c.get("grad_accum", 1)))
-    act = NamedSharding(mesh, P(("data", "fsdp"), None, None))
-    step = jax.jit(functools.partial(train_step, sc=sc, tx=tx, act_sharding=act),
-                   in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, None), donate_argnums=(0,))
     t0 = time.perf_counter()
-    lowered = step.lower(with_sh(state_abs, st_sh), with_sh(fr, fr_sh), batch)
+    lowered = program.lower(tr, fr, B, T)
     compiled = lowered.compile()
-    info = {"compile_s": time.perf_counter() - t0, "num_layers": len(lmap), "num_devices": n}
-    try:
-        ma = compiled.memory_analysis()
-        info["xla_cpu_memory"] = {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                                   "temp_size_in_bytes") if hasattr(ma, k)}
-    except Exception:  # not every backend reports it
-        pass
+    info = {"target": target, "device": acc["name"], "compile_s": time.perf_counter() - t0, "num_layers": len(lmap),
+            "num_devices": n, "mesh": shape, "hlo_fingerprint": hlo_fingerprint(lowered)}
+    ma = compiled.memory_analysis()
+    if ma is not None:
+        mem = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+        mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+        info["memory"] = mem
+        info["hbm"] = acc["hbm"]
+        info["fits"] = mem["total"] <= acc["hbm"]
     ca = compiled.cost_analysis()
-    info["flops_per_device"] = float((ca if isinstance(ca, dict) else ca[0]).get("flops", float("nan")))
+    ca = ca if isinstance(ca, dict) else (ca[0] if ca else {})
+    info["flops_per_device"] = float(ca.get("flops", float("nan")))
+    secs = float(ca.get("optimal_seconds", float("nan")))
+    trainable = [r["index"] for r in lmap if r["trainable"]]
+    full = bool(c.get("full_finetune", False)) or c.plan.kind == "none"
+    fpt = flops_per_token(cfg, len(lmap), T, None if full else min(trainable), len(trainable),
+                          bool(c.plan.get("train_head", False)) or full)
+    info["model_flops_per_device"] = {k: v * B * T / n for k, v in fpt.items()}
+    if target == "tpu" and secs > 0:
+        info["optimal_seconds"] = secs
+        info["mfu_estimate"] = {k: v / (secs * acc["peak"]) for k, v in info["model_flops_per_device"].items()}
+    elif target == "tpu":
+        info["optimal_seconds_unusable"] = secs  # the compiler returned a non-positive estimate
     return info
+
+
+def compile_for_mesh(c, mesh_spec: str, num_layers: int | None = None) -> dict[str, Any]:
+    """:func:`compile_plan` for a simulated CPU mesh (kept for callers that name no device)."""
+    return compile_plan(c, mesh_spec, "h100-80gb", num_layers, target="cpu")
+
+
+def format_compile(info: dict[str, Any]) -> str:
+    gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    where = (f"the TPU compiler (libtpu, deviceless) for a {info['device']} ({info['num_devices']} chips)"
+             if info["target"] == "tpu" else f"a simulated {info['num_devices']}-device CPU mesh")
+    lines = [f"compiled the train step ({info['num_layers']} layers, mesh {info['mesh']}) for {where} in "
+             f"{info['compile_s']:.1f} s: sharding is consistent"]
+    if info["target"] != "tpu":
+        lines.append("  (no TPU compile: libtpu is not installed, or the device is a GPU; the figures below are XLA:CPU's, "
+                     "not the accelerator's)")
+    m = info.get("memory")
+    if m:
+        lines.append(f"  compiler's estimate per device: arguments {gb(m['argument'])}, temporaries {gb(m['temp'])}, "
+                     f"outputs {gb(m['output'])} (aliased {gb(m['alias'])}), total {gb(m['total'])}"
+                     + (f" of {gb(info['hbm'])} HBM -> {'fits' if info['fits'] else 'DOES NOT FIT'}"
+                        if info["target"] == "tpu" else ""))
+    lines.append(f"  compiler's FLOPs per device per step: {info['flops_per_device'] / 1e12:.2f} TFLOP "
+                 f"(model: {info['model_flops_per_device']['full'] / 1e12:.2f} full-model, "
+                 f"{info['model_flops_per_device']['masked'] / 1e12:.2f} masked work)")
+    if "optimal_seconds" in info:
+        mfu = info["mfu_estimate"]
+        lines.append(f"  compiler's roofline step time (optimal_seconds) {info['optimal_seconds']:.3f} s -> estimated MFU "
+                     f"{mfu['full']:.0%} counting full-model FLOPs, {mfu['masked']:.0%} counting the masked work")
+    elif "optimal_seconds_unusable" in info:
+        lines.append(f"  the compiler's optimal_seconds is unusable here ({info['optimal_seconds_unusable']:.3g}): "
+                     f"no MFU estimate")
+    return "\n".join(lines)
 
 
 def format_plan(report: dict[str, Any]) -> str:

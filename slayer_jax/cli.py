@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -164,38 +165,32 @@ def cmd_train(a: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _mesh_device_count(spec: str) -> int:
-    n = 1
-    for part in filter(None, spec.split(",")):
-        _, _, v = part.partition("=")
-        try:
-            n *= max(int(v), 1)
-        except ValueError:
-            raise SlayerError(f"--mesh: '{part}' is not AXIS=N") from None
-    return n
-
-
 def cmd_plan(a: argparse.Namespace, extra: list[str]) -> int:
-    n = _mesh_device_count(a.mesh)
+    from slayer_jax.aot import accelerator, mesh_for
+
+    acc = accelerator(a.device)
+    n = math.prod(mesh_for(a.mesh, acc).values())
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # read when jax first starts a backend
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={max(n, 1)}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from slayer_jax.aot import compile_for_mesh, format_plan, plan_memory
+    from slayer_jax.aot import compile_plan, format_compile, format_plan, plan_memory
     from slayer_jax.configs import load_config_file
 
     config = load_config_file(a.config, extra)
     report = plan_memory(config, a.mesh, a.device, num_layers=None)
     print(format_plan(report))
     summary = {k: v for k, v in report.items() if k not in ("specs", "abstract")}
+    fits = report["fits"]
     if not a.no_compile:
-        info = compile_for_mesh(config, a.mesh, num_layers=a.compile_layers)
-        print(f"compiled the train step for a simulated {info['num_devices']}-device CPU mesh "
-              f"({info['num_layers']} layers) in {info['compile_s']:.1f}s: sharding is consistent")
+        info = compile_plan(config, a.mesh, a.device, num_layers=a.compile_layers, target=a.target)
+        print(format_compile(info))
         summary["compile"] = info
+        if info["target"] == "tpu" and a.compile_layers is None:
+            fits = info["fits"]  # the compiler's count of the whole step decides
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2, default=str))
-    return 0 if report["fits"] else 1
+    return 0 if fits else 1
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -274,8 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="per-device memory for a config on a mesh, and an AOT compile check")
     pl.add_argument("--config", required=True)
-    pl.add_argument("--mesh", required=True, help="data=..,fsdp=..,tensor=..")
-    pl.add_argument("--device", required=True, help="v5p-8 | v5e-8 | v6e-8 | h100-80gb")
+    pl.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default on a TPU slice: fsdp over every chip)")
+    pl.add_argument("--device", required=True,
+                    help="a gcloud TPU type (v4-N, v5p-N, v5litepod-N, v6e-N) or a GPU (h100-80gb, h200, a100-80gb)")
+    pl.add_argument("--target", default="auto", choices=("auto", "tpu", "cpu"),
+                    help="compile for the real TPU topology (libtpu, no TPU needed) or a simulated CPU mesh; "
+                         "auto: tpu when libtpu is installed and the device is a TPU")
     pl.add_argument("--no-compile", action="store_true", help="memory table only")
     pl.add_argument("--compile-layers", type=int, default=None,
                     help="compile a model with this many original layers (same widths) to fit a small host")

@@ -97,6 +97,27 @@ def param_specs(params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, x: _role_spec(p, tuple(x.shape), mesh), params)
 
 
+def opt_state_specs(opt_state: Any, trainable: Any, trainable_specs: Any) -> Any:
+    """Optimizer state by the same role rules as the parameters: Adam's moments mirror the
+    trainable tree, so each moment leaf gets its parameter's spec (matched by key path suffix);
+    scalars (counts) are replicated."""
+    by_path = {}
+    for (path, _), spec in zip(jax.tree_util.tree_flatten_with_path(trainable)[0],
+                               jax.tree_util.tree_leaves(trainable_specs, is_leaf=lambda s: isinstance(s, P))):
+        by_path[jax.tree_util.keystr(path)] = spec
+
+    def pick(path, x):
+        s = jax.tree_util.keystr(path)
+        for p, spec in by_path.items():
+            if s.endswith(p):
+                return spec
+        if x.ndim:
+            raise SlayerError(f"sharding: optimizer leaf {s} matches no parameter")
+        return P()
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh),
                                   is_leaf=lambda x: isinstance(x, P))

@@ -160,6 +160,75 @@ def compile_step(sc: StepConfig, tx: optax.GradientTransformation, state_shardin
     return jax.jit(step, donate_argnums=(0,) if donate else (), **kw)
 
 
+# ----------------------------------------------------------------------------- the step as it runs
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+
+
+@dataclasses.dataclass
+class StepProgram:
+    """The train step a run executes, built once by :func:`build_step` for ``slayer train``,
+    ``slayer plan`` (on CPU devices or a TPU topology), the tests and the benchmarks, so what is
+    planned is what runs: the optimizer, every sharding (parameters and optimizer state by the
+    same role rules), and the jitted step."""
+
+    mesh: Any
+    sc: StepConfig
+    ocfg: OptimConfig
+    tx: optax.GradientTransformation
+    state_shardings: Any
+    frozen_shardings: Any
+    batch_sharding: Any
+    act_sharding: Any
+    step: Callable  # jitted (state, frozen, batch) -> (state, metrics), state donated
+    init: Callable  # jitted trainable -> state, placed by state_shardings
+
+    def abstract_inputs(self, trainable, frozen, global_rows: int, seq_len: int):
+        """``(state, frozen, batch)`` as ShapeDtypeStructs with their shardings: what the step is
+        lowered for (no arrays needed)."""
+        state = jax.eval_shape(self.init, trainable)
+        place = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+        batch = {k: jax.ShapeDtypeStruct((global_rows, seq_len), jnp.float32 if k == "weights" else jnp.int32,
+                                         sharding=self.batch_sharding) for k in BATCH_KEYS}
+        return place(state, self.state_shardings), place(frozen, self.frozen_shardings), batch
+
+    def lower(self, trainable, frozen, global_rows: int, seq_len: int):
+        return self.step.lower(*self.abstract_inputs(trainable, frozen, global_rows, seq_len))
+
+
+def build_step(c, cfg: ModelConfig, mesh, trainable, frozen, total_steps: int) -> StepProgram:
+    """The :class:`StepProgram` of config ``c`` for ``mesh`` (real devices, or a TPU topology's for
+    an ahead-of-time compile). ``trainable``/``frozen`` may be arrays or ShapeDtypeStructs: only
+    their shapes and dtypes are read."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from slayer_jax.sharding import batch_sharding, opt_state_specs, param_shardings, param_specs
+
+    ocfg = OptimConfig(total_steps=int(total_steps), **{k: v for k, v in c.optim.items()})
+    tx = make_optimizer(ocfg)
+    seed = int(c.get("seed", 0))
+    rep = NamedSharding(mesh, PartitionSpec())
+    tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
+    opt_abs = jax.eval_shape(functools.partial(init_state, tx=tx, seed=seed), trainable)["opt_state"]
+    opt_sh = jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec),
+                                    opt_state_specs(opt_abs, trainable, param_specs(trainable, mesh)),
+                                    is_leaf=lambda x: isinstance(x, PartitionSpec))
+    st_sh = {"step": rep, "trainable": tr_sh, "opt_state": opt_sh, "rng": rep}
+    b_sh = batch_sharding(mesh)
+    act_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, None))
+    sc = StepConfig(cfg, dtype=c.dtype, remat=(c.get("remat", None) or None), grad_accum=int(c.get("grad_accum", 1)))
+    step = compile_step(sc, tx, st_sh, fr_sh, b_sh, act_sh)
+    init = jax.jit(functools.partial(init_state, tx=tx, seed=seed), out_shardings=st_sh)
+    return StepProgram(mesh, sc, ocfg, tx, st_sh, fr_sh, b_sh, act_sh, step, init)
+
+
+def hlo_fingerprint(lowered) -> str:
+    """sha256 of a lowered step's StableHLO text: equal fingerprints, equal programs."""
+    import hashlib
+
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- accounting
 def tree_bytes(tree: Any) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
@@ -347,7 +416,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     from slayer_jax.errors import SlayerError
     from slayer_jax.io import load_any
     from slayer_jax.io.hf import save_hf
-    from slayer_jax.sharding import batch_sharding, make_mesh, param_shardings
+    from slayer_jax.sharding import batch_sharding, make_mesh
 
     c = config
     multihost.initialize(c.get("distributed"))
@@ -382,8 +451,6 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if c.get("frozen_dtype", ""):  # frozen weights need no fp32 master copy
         frozen = jax.tree_util.tree_map(lambda x: x.astype(as_dtype(c.frozen_dtype)), frozen)
 
-    tr_sh, fr_sh = param_shardings(trainable, mesh), param_shardings(frozen, mesh)
-    trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     seq_len = int(c.data.seq_len)
     separator = c.data.get("separator", "auto") or "auto"
     # Every process reads the same sequence of global batches and hands its devices only their
@@ -391,7 +458,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     # prepared corpus reads only this process's rows of each global batch; an in-memory one packs
     # the whole (small) corpus on every process.
     global_rows = int(c.batch_size)
-    b_sh = batch_sharding(mesh)
+    b_sh = batch_sharding(mesh)  # = the step program's batch sharding
     epochs = float(c.get("epochs", 0) or 0)
     loader, data_info = data_lib.open_training_data(
         c.data, tok, seed=int(c.seed), batch_size=global_rows, process_index=0, process_count=1,
@@ -406,13 +473,14 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
         n_eval = min(int(c.get("eval_batches", 4)) * global_rows, len(ev["inputs"]) // global_rows * global_rows)
         eval_batches = [{k: v[i:i + global_rows] for k, v in ev.items()} for i in range(0, n_eval, global_rows)]
 
-    ocfg = OptimConfig(total_steps=steps, **{k: v for k, v in c.optim.items()})
-    tx = make_optimizer(ocfg)
-    state = jax.jit(functools.partial(init_state, tx=tx, seed=int(c.seed)))(trainable)
-    st_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    act_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, None))
-    sc = StepConfig(cfg, dtype=c.dtype, remat=c.get("remat", None), grad_accum=int(c.get("grad_accum", 1)))
-    step_fn = compile_step(sc, tx, st_sh, fr_sh, b_sh, act_sh)
+    program = build_step(c, cfg, mesh, trainable, frozen, steps)  # the same builder `slayer plan` compiles
+    ocfg = program.ocfg
+    trainable = jax.device_put(trainable, program.state_shardings["trainable"])
+    frozen = jax.device_put(frozen, program.frozen_shardings)
+    state = program.init(trainable)
+    lowered = program.lower(trainable, frozen, global_rows, seq_len)
+    step_hlo = hlo_fingerprint(lowered)
+    step_fn = lowered.compile()
 
     meta = {"model": str(c.model), "base_hash": tree_hash(frozen) if c.checkpoint.get("hash_base", True) else None,
             "plan": plan.to_json() if plan else None, "layer_map": lmap,
@@ -516,4 +584,4 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                              overwrite=True, progress=is_main)
     return {"params": final, "cfg": cfg, "tokenizer": tok, "history": history, "layer_map": lmap,
             "plan": plan, "mask": mask, "pack_stats": stats, "export_dir": export_dir,
-            "flops_per_token": fpt, "opt_state_bytes": tree_bytes(state["opt_state"])}
+            "flops_per_token": fpt, "opt_state_bytes": tree_bytes(state["opt_state"]), "step_hlo": step_hlo}

@@ -142,3 +142,50 @@ def test_launchers_pass_shellcheck():
     r = subprocess.run([exe, str(REPO / "launch" / "tpu_vm.sh"), str(REPO / "launch" / "gpu.sh")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+# ----------------------------------------------------------------------------- plan = the step that runs
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import json as json_mod
+
+    from tiny_tok import make_exported_model
+
+    work = tmp_path_factory.mktemp("plan_vs_train")
+    make_exported_model(work / "model", layers=4)
+    (work / "corpus").mkdir()
+    for p in sorted(Path(json_mod.__file__).parent.glob("*.py"))[:3]:
+        shutil.copy(p, work / "corpus" / p.name)
+    c = load_config_file(REPO / "configs" / "smollm2_slayer.py", [
+        f"--config.model={work / 'model'}", f"--config.workdir={work / 'run'}", "--config.export_dir=",
+        "--config.steps=2", "--config.batch_size=4", f"--config.data.source={work / 'corpus'}",
+        "--config.data.seq_len=64", "--config.plan.expand=2", "--config.num_devices=4", "--config.mesh=fsdp=4",
+        "--config.log_every=1", "--config.checkpoint.every=100"])
+    return c
+
+
+def test_slayer_plan_compiles_the_step_slayer_train_runs(tiny_run):
+    """The same builder makes both: equal StableHLO fingerprints for the same config and mesh."""
+    from slayer_jax.aot import compile_plan
+    from slayer_jax.train import run
+
+    summary = run(tiny_run)
+    info = compile_plan(tiny_run, "fsdp=4", "h100-80gb", target="cpu")
+    assert info["hlo_fingerprint"] == summary["step_hlo"]
+    other = load_config_file(REPO / "configs" / "smollm2_slayer.py", [f"--config.{k}={v}" for k, v in {
+        **{k: tiny_run[k] for k in ("model", "steps", "batch_size", "num_devices", "mesh")},
+        "data.seq_len": 64, "plan.expand": 1}.items()])
+    assert compile_plan(other, "fsdp=4", "h100-80gb", target="cpu")["hlo_fingerprint"] != info["hlo_fingerprint"]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None, reason="needs libtpu (the [tpu] extra)")
+def test_slayer_plan_compiles_for_a_real_tpu_topology(tiny_run):
+    from slayer_jax.aot import compile_plan
+
+    tpu = compile_plan(tiny_run, None, "v5p-8", target="tpu")
+    assert tpu["target"] == "tpu" and tpu["num_devices"] == 4 and tpu["mesh"]["fsdp"] == 4
+    m = tpu["memory"]
+    assert 0 < m["argument"] < m["total"] <= tpu["hbm"] and tpu["fits"]
+    assert tpu["flops_per_device"] > 0 and tpu["optimal_seconds"] > 0
+    # the TPU program is the CPU program's HLO, compiled by another backend
+    assert tpu["hlo_fingerprint"] == compile_plan(tiny_run, "fsdp=4", "h100-80gb", target="cpu")["hlo_fingerprint"]
