@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype; master weights of trainable params are always fp32
     c.frozen_dtype = ""  # "" = fp32; "bfloat16" halves frozen-weight memory (they have no master copy)
     c.remat = "none"  # none | full | save_dots
+    c.attention = "auto"  # auto (splash on TPU, cuDNN on GPU for bf16, xla elsewhere) | xla | splash | cudnn
     c.mesh = "data=-1"  # data=..,fsdp=..,tensor=..; one axis may be -1
     c.num_devices = 0  # 0 = every device; N = the mesh uses the first N (e.g. 1 for a CPU demo)
     c.full_finetune = False
@@ -114,6 +115,7 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
         ("dtype", c.dtype in ("float32", "bfloat16", "bf16", "fp32"), "float32 or bfloat16"),
         ("frozen_dtype", c.frozen_dtype in ("", "float32", "bfloat16"), "'', float32 or bfloat16"),
         ("remat", c.remat in ("none", "full", "save_dots"), "none, full or save_dots"),
+        ("attention", c.get("attention", "auto") in ("auto", "xla", "splash", "cudnn"), "auto, xla, splash or cudnn"),
         ("plan.kind", c.plan.kind in ("none", "shallow", "uniform", "file"), "none, shallow, uniform or file"),
         ("data.mode", c.data.mode in ("text", "sft"), "text or sft"),
         ("data.seq_len", int(c.data.seq_len) > 1, "an integer > 1"),

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slayer_jax.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: F401  (re-exported)
+from slayer_jax.attention import attention, attention_mask, platform_of, resolve_backend, xla_attention
 from slayer_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -79,30 +81,9 @@ def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Arr
     return x_BxTxNxDh * cos_BxTxDh[:, :, None, :] + rotated * sin_BxTxDh[:, :, None, :]
 
 
-def attention_mask(q_pos_BxT: jax.Array, kv_pos_BxS: jax.Array, q_seg_BxT: jax.Array, kv_seg_BxS: jax.Array,
-                   sliding_window: int | None) -> jax.Array:
-    """[B, T, S] bool: causal by position, same segment, and inside the sliding window.
-
-    Positions restart per packed document, but the segment test removes every cross-document
-    pair, so within what remains position order equals token order.
-    """
-    qp, kp = q_pos_BxT[:, :, None], kv_pos_BxS[:, None, :]
-    mask = (kp <= qp) & (q_seg_BxT[:, :, None] == kv_seg_BxS[:, None, :])
-    if sliding_window is not None:
-        mask &= kp > qp - sliding_window
-    return mask
-
-
-def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS, dtype) -> jax.Array:
-    B, T, H, Dh = q_BxTxHxDh.shape
-    K = k_BxSxKxDh.shape[2]
-    q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(Dh))
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh)
-    return out.reshape(B, T, H * Dh)
+# The mask and the reference einsum attention live in slayer_jax.attention (with the kernel
+# backends); these names stay for generate.py, scoring.py and the benches.
+dot_product_attention = xla_attention
 
 
 def block_qkv(cfg: ModelConfig, dt: Any, x_BxTxD, cos_BxTxDh, sin_BxTxDh):
@@ -132,24 +113,37 @@ def block_epilogue(cfg: ModelConfig, dt: Any, x_BxTxD, attn_BxTxHDh):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm Llama block: x + attn(norm(x)); x + mlp(norm(x)). Its params are one list entry."""
+    """Pre-norm Llama block: x + attn(norm(x)); x + mlp(norm(x)). Its params are one list entry.
+
+    attention: the :func:`slayer_jax.attention.attention` backend. "xla" (the default here) reads
+    ``mask_BxTxS``, any [B, T, S] mask; a kernel backend ("splash", "cudnn", "auto") reads
+    ``positions_BxT`` and ``segment_ids_BxT`` instead (``mask_BxTxS`` may then be None).
+    mesh: the ("data", "fsdp", "tensor") mesh the kernel runs per shard of (None: unsharded).
+    """
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
+    attention: str = "xla"
+    mesh: Any = None
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS):
+    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, positions_BxT=None, segment_ids_BxT=None):
         q, k, v = block_qkv(self.cfg, self.dtype, x_BxTxD, cos_BxTxDh, sin_BxTxDh)
-        attn = dot_product_attention(q, k, v, mask_BxTxS, self.dtype)
+        if self.attention == "xla":
+            attn = dot_product_attention(q, k, v, mask_BxTxS, self.dtype)
+        else:
+            attn = attention(q, k, v, q_pos=positions_BxT, kv_pos=positions_BxT, q_seg=segment_ids_BxT,
+                             kv_seg=segment_ids_BxT, sliding_window=self.cfg.sliding_window, dtype=self.dtype,
+                             backend=self.attention, mesh=self.mesh)
         return block_epilogue(self.cfg, self.dtype, x_BxTxD, attn)
 
 
 # ----------------------------------------------------------------------------- forward
-def _block_fn(cfg: ModelConfig, dtype: Any, remat: str | None):
-    block = DecoderBlock(cfg, dtype)
+def _block_fn(cfg: ModelConfig, dtype: Any, remat: str | None, attention: str = "xla", mesh: Any = None):
+    block = DecoderBlock(cfg, dtype, attention, mesh)
 
-    def run(layer_params, x, cos, sin, mask):
-        return block.apply({"params": layer_params}, x, cos, sin, mask)
+    def run(layer_params, x, cos, sin, mask, pos=None, seg=None):
+        return block.apply({"params": layer_params}, x, cos, sin, mask, pos, seg)
 
     if remat in (None, "none"):
         return run
@@ -184,6 +178,7 @@ def forward(
     remat: str | None = None,
     return_hidden: bool = False,
     act_sharding: Any = None,
+    attention: str | None = "auto",
 ):
     """Logits [B, T, V] (float32) for any ``len(params["layers"])``.
 
@@ -196,6 +191,9 @@ def forward(
         input and entry L the last layer's output (before the final norm).
     act_sharding: optional sharding for the [B, T, D] residual stream, applied as a
         constraint after the embedding and after every block (batch over data+fsdp).
+    attention: the attention backend, one of :data:`slayer_jax.attention.BACKENDS`: "auto"
+        (splash on TPU, cuDNN on GPU for bf16/fp16, xla elsewhere or where the kernel cannot take
+        the shapes), "xla", "splash" or "cudnn". Kernels run per shard of ``act_sharding``'s mesh.
     """
     dtype = as_dtype(dtype)
     B, T = tokens_BxT.shape
@@ -204,15 +202,20 @@ def forward(
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((B, T), jnp.int32)
     cos, sin = rope_cos_sin(positions_BxT, cfg.rope_inv_freq(), dtype)
-    mask = attention_mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, cfg.sliding_window)
-    block = _block_fn(cfg, dtype, remat)
+    mesh = getattr(act_sharding, "mesh", None)
+    backend = resolve_backend(attention, T, T, dtype, platform=platform_of(mesh))
+    if backend == "xla":
+        mask = attention_mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, cfg.sliding_window)
+    else:
+        mask = None  # the kernels build the mask from positions (token order) and segment ids
+    block = _block_fn(cfg, dtype, remat, backend, mesh)
 
     constrain = (lambda y: y) if act_sharding is None else (
         lambda y: jax.lax.with_sharding_constraint(y, act_sharding))
     x = constrain(embed(params, tokens_BxT, dtype))
     hidden = [x]
     for layer in params["layers"]:
-        x = constrain(block(layer, x, cos, sin, mask))
+        x = constrain(block(layer, x, cos, sin, mask, positions_BxT, segment_ids_BxT))
         if return_hidden:
             hidden.append(x)
     logits = unembed(params, cfg, x, dtype)

@@ -100,13 +100,14 @@ class StepConfig:
     dtype: str = "float32"
     remat: str | None = None
     grad_accum: int = 1
+    attention: str = "auto"  # slayer_jax.attention.BACKENDS: splash on TPU, cuDNN on GPU (bf16), xla elsewhere
 
 
 def loss_sums(trainable: Params, frozen: Params, batch: Batch, sc: StepConfig, act_sharding=None):
     """(sum of weighted token NLL, sum of weights) for one (micro)batch."""
     params = merge_params(trainable, frozen)
     logits = forward(params, batch["inputs"], sc.cfg, batch["positions"], batch["segment_ids"],
-                     dtype=as_dtype(sc.dtype), remat=sc.remat, act_sharding=act_sharding)
+                     dtype=as_dtype(sc.dtype), remat=sc.remat, act_sharding=act_sharding, attention=sc.attention)
     w = batch["weights"].astype(jnp.float32)
     return jnp.sum(token_nll(logits, batch["targets"]) * w), jnp.sum(w)
 
@@ -216,7 +217,8 @@ def build_step(c, cfg: ModelConfig, mesh, trainable, frozen, total_steps: int) -
     st_sh = {"step": rep, "trainable": tr_sh, "opt_state": opt_sh, "rng": rep}
     b_sh = batch_sharding(mesh)
     act_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, None))
-    sc = StepConfig(cfg, dtype=c.dtype, remat=(c.get("remat", None) or None), grad_accum=int(c.get("grad_accum", 1)))
+    sc = StepConfig(cfg, dtype=c.dtype, remat=(c.get("remat", None) or None), grad_accum=int(c.get("grad_accum", 1)),
+                    attention=c.get("attention", "auto") or "auto")
     step = compile_step(sc, tx, st_sh, fr_sh, b_sh, act_sh)
     init = jax.jit(functools.partial(init_state, tx=tx, seed=seed), out_shardings=st_sh)
     return StepProgram(mesh, sc, ocfg, tx, st_sh, fr_sh, b_sh, act_sh, step, init)
@@ -512,7 +514,8 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
             tot, cnt = tot + multihost.replicated_value(l), cnt + multihost.replicated_value(w)
         return tot / max(cnt, 1.0)
 
-    _eval_fn = jax.jit(functools.partial(loss_sums, sc=StepConfig(cfg, dtype=c.dtype)))
+    _eval_fn = jax.jit(functools.partial(loss_sums, sc=dataclasses.replace(program.sc, remat=None, grad_accum=1),
+                                         act_sharding=program.act_sharding))
     n_layers = len(lmap)
     trainable_idx = [r["index"] for r in lmap if r["trainable"]]
     fpt = flops_per_token(cfg, n_layers, int(c.data.seq_len), min(trainable_idx) if trainable_idx else n_layers,

@@ -182,10 +182,14 @@ def test_slayer_plan_compiles_the_step_slayer_train_runs(tiny_run):
 def test_slayer_plan_compiles_for_a_real_tpu_topology(tiny_run):
     from slayer_jax.aot import compile_plan
 
-    tpu = compile_plan(tiny_run, None, "v5p-8", target="tpu")
+    c = tiny_run.copy_and_resolve_references()
+    c.data.seq_len = 512  # a multiple of the splash kernel's 128-token blocks
+    tpu = compile_plan(c, None, "v5p-8", target="tpu")  # attention "auto": splash on a TPU mesh
     assert tpu["target"] == "tpu" and tpu["num_devices"] == 4 and tpu["mesh"]["fsdp"] == 4
     m = tpu["memory"]
     assert 0 < m["argument"] < m["total"] <= tpu["hbm"] and tpu["fits"]
     assert tpu["flops_per_device"] > 0 and tpu["optimal_seconds"] > 0
-    # the TPU program is the CPU program's HLO, compiled by another backend
-    assert tpu["hlo_fingerprint"] == compile_plan(tiny_run, "fsdp=4", "h100-80gb", target="cpu")["hlo_fingerprint"]
+    c.attention = "xla"
+    xla = compile_plan(c, None, "v5p-8", target="tpu")
+    assert xla["hlo_fingerprint"] != tpu["hlo_fingerprint"]
+    assert tpu["memory"]["temp"] < xla["memory"]["temp"]  # the kernel keeps no [T, T] scores

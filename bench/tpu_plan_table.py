@@ -1,0 +1,72 @@
+"""The paper-size recipes compiled by the TPU compiler for real TPU topologies, on this CPU machine.
+
+Every figure is the compiler's estimate (libtpu's deviceless compilation through `slayer plan`'s
+`compile_plan`, the step `slayer train` runs), not a measurement on a TPU: per-chip bytes against
+HBM, TFLOPs per step, `optimal_seconds` (its roofline step time) and the MFU that implies, counted
+on full-model FLOPs and on the masked step's own work. Compile time is this 2-core machine's.
+
+    python bench/tpu_plan_table.py [--recipes slayer_llama2_7b,...] [--devices v5p-8,...]
+                                   [--layers N] [--seq-len 4096] [--json out.json]
+
+Needs libtpu (`pip install -e '.[tpu]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["slayer_llama2_7b", "llama_pro_llama2_7b", "slayer_llama3_8b", "slayer_mistral_7b"]
+DEVICES = ["v4-8", "v5litepod-8", "v5litepod-16", "v5p-8", "v5p-32", "v6e-8"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--devices", default=",".join(DEVICES))
+    ap.add_argument("--layers", type=int, default=None, help="original layers to compile (default: all)")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--override", action="append", default=[], help="extra --config.key=value")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+
+    from slayer_jax.aot import compile_plan
+    from slayer_jax.configs import load_config_file
+
+    rows = []
+    print("| recipe | device | chips | GiB per chip (args / temp / total) | HBM GiB | fits | compile s | "
+          "TFLOP per chip-step | optimal_seconds | est. MFU full / masked |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for recipe in a.recipes.split(","):
+        for device in a.devices.split(","):
+            c = load_config_file(REPO / "configs" / f"{recipe}.py",
+                                 [f"--config.data.seq_len={a.seq_len}", *a.override])
+            t0 = time.perf_counter()
+            try:
+                info = compile_plan(c, None, device, num_layers=a.layers, target="tpu")
+            except Exception as e:  # noqa: BLE001 -- a row that did not compile says why
+                print(f"| {recipe} | {device} | | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | "
+                      f"{time.perf_counter() - t0:.0f} | | | |", flush=True)
+                continue
+            m, gib = info["memory"], 2**30
+            mfu = info.get("mfu_estimate")
+            rows.append({"recipe": recipe, **info})
+            print(f"| {recipe} | {device} | {info['num_devices']} | {m['argument'] / gib:.1f} / {m['temp'] / gib:.1f} / "
+                  f"{m['total'] / gib:.1f} | {info['hbm'] / gib:.0f} | {'yes' if info['fits'] else 'no'} | "
+                  f"{info['compile_s']:.0f} | {info['flops_per_device'] / 1e12:.1f} | "
+                  f"{info.get('optimal_seconds', float('nan')):.2f} | "
+                  + (f"{mfu['full']:.0%} / {mfu['masked']:.0%} |" if mfu else "unusable |"), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2, default=str))
+    print(f"\ncommand: python {' '.join(sys.argv)}; layers: {a.layers or 'all'}; sequence {a.seq_len}; "
+          f"each recipe's own batch, grad_accum, remat and dtypes")
+
+
+if __name__ == "__main__":
+    main()
