@@ -199,7 +199,7 @@ class TrainCheckpointer:
         saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         meta = json.loads(json.dumps(meta, default=str))  # tuples -> lists, as stored
         old = saved_meta.get("base_hash")
-        if old and meta.get("base_hash") and not str(old).startswith(HASH_VERSION):
+        if old and str(meta.get("base_hash")).startswith(HASH_VERSION) and not str(old).startswith(HASH_VERSION):
             raise SlayerError(f"{self.directory}/{step}: checkpoint written by an older slayer_jax (base hash format v1, "
                               f"data iterator state not per process); it cannot be resumed: start a new workdir")
         for key in ("plan", "layer_map", "model_config", "trainable", "base_hash"):
