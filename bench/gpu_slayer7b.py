@@ -36,8 +36,10 @@ from slayer_jax.model import init_params
 from slayer_jax.train import (OptimConfig, StepConfig, compile_step, device_peak_flops, flops_per_token, init_state,
                               make_optimizer, split_params, tree_bytes, tree_size)
 preset, remat, B, T, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+attention = sys.argv[7]
 cfg, L = known_config(preset)
-out = {"preset": preset, "remat": remat, "batch": B, "seq": T, "device": jax.devices()[0].device_kind}
+out = {"preset": preset, "remat": remat, "batch": B, "seq": T, "device": jax.devices()[0].device_kind,
+       "attention": attention, "loss_chunk": 4096}
 t0 = time.perf_counter()
 params = jax.jit(init_params, static_argnums=(0, 1))(cfg, L, jax.random.PRNGKey(0))
 plan = surgery.shallow(L, L // 4, max(L // 16, 1), refresh_last=True)  # 32 layers: 8 new, 2 pruned
@@ -59,7 +61,8 @@ tok = rng.randint(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
 batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
          "positions": jnp.asarray(np.tile(np.arange(T, dtype=np.int32), (B, 1))),
          "segment_ids": jnp.ones((B, T), jnp.int32), "weights": jnp.ones((B, T), jnp.float32)}
-step = compile_step(StepConfig(cfg, dtype="bfloat16", remat=None if remat == "none" else remat), tx)
+step = compile_step(StepConfig(cfg, dtype="bfloat16", remat=None if remat == "none" else remat, attention=attention,
+                               loss_chunk=4096), tx)
 t0 = time.perf_counter()
 compiled = step.lower(state, frozen, batch).compile()
 out["compile_s"] = time.perf_counter() - t0
@@ -97,22 +100,24 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attention", default="auto,xla",
+                    help="attention backends to compare (auto = cuDNN flash attention on a GPU in bf16)")
     a = ap.parse_args()
     results = []
-    for remat in a.remat.split(","):
-        for B in (int(b) for b in a.batch.split(",")):
-            argv = [sys.executable, "-c", CHILD, a.preset, remat, str(B), str(a.seq), str(a.steps), str(a.warmup)]
-            try:
-                p = subprocess.run(argv, capture_output=True, text=True, timeout=a.timeout)
-                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-                r = json.loads(line[7:]) if line else {"remat": remat, "batch": B, "error": p.stderr[-2000:]}
-            except subprocess.TimeoutExpired:
-                r = {"remat": remat, "batch": B, "error": f"timed out after {a.timeout}s"}
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(results, f, indent=2)
+    for remat, B, attention in ((r, int(b), at) for r in a.remat.split(",") for b in a.batch.split(",")
+                                for at in a.attention.split(",")):
+        argv = [sys.executable, "-c", CHILD, a.preset, remat, str(B), str(a.seq), str(a.steps), str(a.warmup), attention]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=a.timeout)
+            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+            r = json.loads(line[7:]) if line else {"remat": remat, "batch": B, "error": p.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            r = {"remat": remat, "batch": B, "error": f"timed out after {a.timeout}s"}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=2)
     for r in results:
         if "error" in r:
             print(f"remat={r['remat']} batch={r['batch']}: FAILED {r['error'][-300:]}", file=sys.stderr)

@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.frozen_dtype = ""  # "" = fp32; "bfloat16" halves frozen-weight memory (they have no master copy)
     c.remat = "none"  # none | full | save_dots
     c.attention = "auto"  # auto (splash on TPU, cuDNN on GPU for bf16, xla elsewhere) | xla | splash | cudnn
+    c.loss_chunk = 0  # > 0: cross-entropy over vocabulary chunks of this size, never [B, T, V] logits (slayer_jax.loss)
+    c.scan_layers = False  # scan runs of identical frozen layers (slayer_jax.layout): smaller HLO, same results
     c.mesh = "data=-1"  # data=..,fsdp=..,tensor=..; one axis may be -1
     c.num_devices = 0  # 0 = every device; N = the mesh uses the first N (e.g. 1 for a CPU demo)
     c.full_finetune = False
@@ -92,6 +94,7 @@ def paper_scale(c: ml_collections.ConfigDict, name: str, model: str, model_confi
     c.workdir, c.export_dir = f"runs/{name}", f"runs/{name}/hf"
     c.steps, c.batch_size, c.grad_accum = 15900, 1024, 64
     c.dtype, c.frozen_dtype, c.remat = "bfloat16", "bfloat16", "full"
+    c.loss_chunk = 4096  # the head's logits in 4096-column chunks: Llama-3's 128k vocabulary never forms [B, T, V]
     c.mesh = "data=1,fsdp=-1,tensor=1"
     c.eval_every = 500
     c.data.seq_len = 4096
@@ -116,6 +119,7 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
         ("frozen_dtype", c.frozen_dtype in ("", "float32", "bfloat16"), "'', float32 or bfloat16"),
         ("remat", c.remat in ("none", "full", "save_dots"), "none, full or save_dots"),
         ("attention", c.get("attention", "auto") in ("auto", "xla", "splash", "cudnn"), "auto, xla, splash or cudnn"),
+        ("loss_chunk", int(c.get("loss_chunk", 0)) >= 0, "0 (full logits) or a positive vocabulary chunk"),
         ("plan.kind", c.plan.kind in ("none", "shallow", "uniform", "file"), "none, shallow, uniform or file"),
         ("data.mode", c.data.mode in ("text", "sft"), "text or sft"),
         ("data.seq_len", int(c.data.seq_len) > 1, "an integer > 1"),

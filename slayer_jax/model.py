@@ -36,6 +36,7 @@ import numpy as np
 from slayer_jax.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: F401  (re-exported)
 from slayer_jax.attention import attention, attention_mask, platform_of, resolve_backend, xla_attention
 from slayer_jax.config import ModelConfig
+from slayer_jax.layout import STACKED, is_stacked
 
 Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -177,16 +178,23 @@ def forward(
     dtype: Any = jnp.float32,
     remat: str | None = None,
     return_hidden: bool = False,
+    final_hidden: bool = False,
     act_sharding: Any = None,
     attention: str | None = "auto",
 ):
     """Logits [B, T, V] (float32) for any ``len(params["layers"])``.
+
+    An entry of ``params["layers"]`` is one layer's dict, or a stacked run of identical layers
+    (:mod:`slayer_jax.layout`'s scan layout, leaves with a leading axis k), run as ``jax.lax.scan``
+    of the same block (same remat policy and activation constraint per layer).
 
     positions_BxT: per-token RoPE positions (default 0..T-1; restart per packed document).
     segment_ids_BxT: packed-document ids; tokens attend only within their own id. Use 0 for
         padding (padding then only attends to padding, never to real tokens).
     dtype: compute dtype. Parameters keep their own dtype (e.g. fp32 masters) and are cast.
     remat: None/"none", "full" or "save_dots", applied per block.
+    final_hidden: return only the last layer's output [B, T, D] (before the final norm), no
+        logits: the chunked loss (:mod:`slayer_jax.loss`) takes it from there.
     return_hidden: also return the list of residual-stream states, entry l being layer l's
         input and entry L the last layer's output (before the final norm).
     act_sharding: optional sharding for the [B, T, D] residual stream, applied as a
@@ -212,12 +220,27 @@ def forward(
 
     constrain = (lambda y: y) if act_sharding is None else (
         lambda y: jax.lax.with_sharding_constraint(y, act_sharding))
+
+    def layer_step(x, layer):
+        return constrain(block(layer, x, cos, sin, mask, positions_BxT, segment_ids_BxT))
+
+    def scan_body(x, layer):
+        y = layer_step(x, layer)
+        return y, (y if return_hidden else None)
+
     x = constrain(embed(params, tokens_BxT, dtype))
     hidden = [x]
-    for layer in params["layers"]:
-        x = constrain(block(layer, x, cos, sin, mask, positions_BxT, segment_ids_BxT))
-        if return_hidden:
-            hidden.append(x)
+    for entry in params["layers"]:
+        if is_stacked(entry):  # a run of k frozen layers (slayer_jax.layout): one loop body, k trips
+            x, ys = jax.lax.scan(scan_body, x, entry[STACKED])
+            if return_hidden:
+                hidden.extend(ys[i] for i in range(ys.shape[0]))
+        else:
+            x = layer_step(x, entry)
+            if return_hidden:
+                hidden.append(x)
+    if final_hidden:  # the last layer's output, before the final norm: for a loss that never forms [B, T, V]
+        return x
     logits = unembed(params, cfg, x, dtype)
     return (logits, hidden) if return_hidden else logits
 

@@ -23,6 +23,9 @@ from slayer_jax.errors import SlayerError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # activations: batch is split over both data-parallel axes
+# A run of k layers stored as one entry (slayer_jax.layout's scan layout): its leaves gain a leading
+# [k] axis, never split; the rest of the spec is the layers' own, by role.
+STACKED = "stacked"
 
 # role -> spec per leaf name; role is the dict key directly above the leaf
 RULES: dict[str, dict[str, tuple]] = {
@@ -86,7 +89,10 @@ def _role_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     if rule is None:
         raise SlayerError(f"sharding: no rule for parameter role '{role}/{leaf}' "
                           f"(at {jax.tree_util.keystr(path)}); add one to slayer_jax.sharding.RULES")
-    dims = []
+    stacked = STACKED in keys  # stacked layers: the layer's spec behind an unsplit leading axis
+    if stacked:
+        shape = shape[1:]
+    dims = [None] if stacked else []
     for axis, size in zip(rule, shape):
         dims.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
     return P(*dims)
@@ -138,8 +144,10 @@ def explain(params: Any, mesh: Mesh) -> list[str]:
     def visit(path, x):
         keys = [getattr(k, "key", None) for k in path]
         rule = RULES.get(keys[-2], {}).get(keys[-1], ())
-        got = _role_spec(path, tuple(x.shape), mesh)
-        for want, have, size in zip(rule, tuple(got), x.shape):
+        got, shape = tuple(_role_spec(path, tuple(x.shape), mesh)), tuple(x.shape)
+        if STACKED in keys:
+            got, shape = got[1:], shape[1:]
+        for want, have, size in zip(rule, got, shape):
             if want is not None and have is None:
                 lines.append(f"{jax.tree_util.keystr(path)}: dim {size} not divisible by {want}="
                              f"{mesh.shape[want]}; replicated")

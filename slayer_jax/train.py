@@ -29,6 +29,8 @@ import numpy as np
 import optax
 
 from slayer_jax.config import ModelConfig
+from slayer_jax.loss import loss_sums_from_hidden, token_nll  # noqa: F401 -- token_nll: one implementation (loss.py)
+from slayer_jax.layout import FrozenLayoutStep, merge_for_forward, scan_runs, to_scan_layout
 from slayer_jax.model import Params, as_dtype, forward
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: int32 [B, T]; weights: f32 [B, T]
@@ -87,13 +89,6 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
 
 
 # ----------------------------------------------------------------------------- loss / step
-def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    logits = logits_BxTxV.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    return lse - picked
-
-
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     cfg: ModelConfig
@@ -101,15 +96,16 @@ class StepConfig:
     remat: str | None = None
     grad_accum: int = 1
     attention: str = "auto"  # slayer_jax.attention.BACKENDS: splash on TPU, cuDNN on GPU (bf16), xla elsewhere
+    loss_chunk: int = 0  # vocabulary columns per step of the chunked loss; 0 = full logits
 
 
 def loss_sums(trainable: Params, frozen: Params, batch: Batch, sc: StepConfig, act_sharding=None):
     """(sum of weighted token NLL, sum of weights) for one (micro)batch."""
-    params = merge_params(trainable, frozen)
-    logits = forward(params, batch["inputs"], sc.cfg, batch["positions"], batch["segment_ids"],
-                     dtype=as_dtype(sc.dtype), remat=sc.remat, act_sharding=act_sharding, attention=sc.attention)
-    w = batch["weights"].astype(jnp.float32)
-    return jnp.sum(token_nll(logits, batch["targets"]) * w), jnp.sum(w)
+    params = merge_for_forward(trainable, frozen)  # frozen in the list or the scan layout (slayer_jax.layout)
+    x = forward(params, batch["inputs"], sc.cfg, batch["positions"], batch["segment_ids"], dtype=as_dtype(sc.dtype),
+                remat=sc.remat, act_sharding=act_sharding, attention=sc.attention, final_hidden=True)
+    return loss_sums_from_hidden(x, params, sc.cfg, batch["targets"], batch["weights"], as_dtype(sc.dtype),
+                                 chunk=sc.loss_chunk or None)
 
 
 def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int = 0) -> dict[str, Any]:
@@ -218,8 +214,12 @@ def build_step(c, cfg: ModelConfig, mesh, trainable, frozen, total_steps: int) -
     b_sh = batch_sharding(mesh)
     act_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, None))
     sc = StepConfig(cfg, dtype=c.dtype, remat=(c.get("remat", None) or None), grad_accum=int(c.get("grad_accum", 1)),
-                    attention=c.get("attention", "auto") or "auto")
-    step = compile_step(sc, tx, st_sh, fr_sh, b_sh, act_sh)
+                    attention=c.get("attention", "auto") or "auto", loss_chunk=int(c.get("loss_chunk", 0) or 0))
+    # The step reads the frozen tree in the scan layout (runs of identical frozen layers stacked, one
+    # loop body each: slayer_jax.layout); frozen_shardings stay the list layout's, the interface.
+    runs = scan_runs(frozen["layers"]) if c.get("scan_layers", False) else ()
+    step_fr_sh = param_shardings(to_scan_layout(jax.eval_shape(lambda t: t, frozen), runs), mesh) if runs else fr_sh
+    step = FrozenLayoutStep(compile_step(sc, tx, st_sh, step_fr_sh, b_sh, act_sh), runs, step_fr_sh, fr_sh)
     init = jax.jit(functools.partial(init_state, tx=tx, seed=seed), out_shardings=st_sh)
     return StepProgram(mesh, sc, ocfg, tx, st_sh, fr_sh, b_sh, act_sh, step, init)
 
@@ -488,6 +488,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
             "plan": plan.to_json() if plan else None, "layer_map": lmap,
             "model_config": cfg.to_hf_dict(len(lmap)), "trainable": surgery.count_trainable(
                 merge_params(trainable, frozen), mask), "config": json.loads(c.to_json_best_effort())}
+    frozen = program.step.to_step_layout(frozen)  # once, on device (the hash above is the list layout's)
     ckpt = TrainCheckpointer(workdir / "checkpoints", keep=int(c.checkpoint.keep),
                              async_save=bool(c.checkpoint.get("async_save", True)))
     start = 0
@@ -530,7 +531,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     t_last, tokens_since = time.perf_counter(), 0.0
     step = start
     if eval_hook is not None and start == 0:
-        rec0 = {"step": 0, **eval_hook(0, merge_params(state["trainable"], frozen))}
+        rec0 = {"step": 0, **eval_hook(0, merge_params(state["trainable"], program.step.to_list_layout(frozen)))}
         history.append(rec0)
         t_last = time.perf_counter()
     try:
@@ -561,7 +562,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
             if eval_batches and (step % int(c.eval_every) == 0 or step == steps):
                 rec["eval_loss"] = eval_loss(state)
             if eval_hook is not None and (step % int(c.eval_every) == 0 or step == steps):
-                rec.update(eval_hook(step, merge_params(state["trainable"], frozen)))
+                rec.update(eval_hook(step, merge_params(state["trainable"], program.step.to_list_layout(frozen))))
                 t_last = time.perf_counter()  # keep evaluation out of tokens/s
             history.append(rec)
             if is_main:
@@ -578,7 +579,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
         if logs is not None:
             logs.close()
 
-    final = merge_params(state["trainable"], frozen)
+    final = merge_params(state["trainable"], program.step.to_list_layout(frozen))
     export_dir = None
     if c.get("export_dir"):
         record = {"plan": plan.to_json() if plan else None, "layer_map": lmap,

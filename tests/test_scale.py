@@ -193,3 +193,24 @@ def test_slayer_plan_compiles_for_a_real_tpu_topology(tiny_run):
     xla = compile_plan(c, None, "v5p-8", target="tpu")
     assert xla["hlo_fingerprint"] != tpu["hlo_fingerprint"]
     assert tpu["memory"]["temp"] < xla["memory"]["temp"]  # the kernel keeps no [T, T] scores
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None, reason="needs libtpu (the [tpu] extra)")
+@pytest.mark.parametrize("override", [
+    ["--config.remat=full", "--config.loss_chunk=4096"],
+    ["--config.remat=none", "--config.loss_chunk=4096"],
+    ["--config.remat=full", "--config.grad_accum=2", "--config.batch_size=16", "--config.loss_chunk=4096"],
+    ["--config.remat=full", "--config.dtype=bfloat16", "--config.frozen_dtype=bfloat16", "--config.loss_chunk=4096"],
+    ["--config.remat=full"],
+], ids=["full-chunked", "none-chunked", "accum2", "bf16", "full-logits"])
+def test_the_plan_estimate_is_within_25_percent_of_the_tpu_compiler(override):
+    """The quick analytic count against the TPU compiler's per-chip total for the same step
+    (SmolLM2 widths, 6 original layers, 512 tokens, v5p-8, splash attention)."""
+    from slayer_jax.aot import compile_plan, plan_memory
+
+    c = load_config_file(REPO / "configs" / "smollm2_slayer.py", ["--config.batch_size=8", "--config.data.seq_len=512",
+                                                                  "--config.model_config=smollm2_135m", *override])
+    estimate = plan_memory(c, None, "v5p-8", num_layers=6)["bytes"]["total"]
+    compiler = compile_plan(c, None, "v5p-8", num_layers=6, target="tpu")["memory"]["total"]
+    assert 0.75 <= estimate / compiler <= 1.25, (estimate / 2**20, compiler / 2**20)

@@ -139,13 +139,18 @@ def test_resume_into_other_plan_is_refused_and_nan_stops(tiny_setup):
         train_mod.run(other)
 
     more = load_config_file(REPO / "configs" / "smollm2_slayer.py", overrides(work, "nan", steps=4, batch_size=8))
-    real = train_mod.token_nll
-    train_mod.token_nll = lambda logits, targets: real(logits, targets) * np.nan
+    real = train_mod.loss_sums_from_hidden
+
+    def nan_loss(*args, **kwargs):
+        total, weight = real(*args, **kwargs)
+        return total * np.nan, weight
+
+    train_mod.loss_sums_from_hidden = nan_loss
     try:
         with pytest.raises(SlayerError, match=r"step 3: loss is nan.*step 2"):
             train_mod.run(more)
     finally:
-        train_mod.token_nll = real
+        train_mod.loss_sums_from_hidden = real
     assert TrainCheckpointer(work / "nan" / "checkpoints").latest_step() == 2
 
 
