@@ -19,18 +19,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from slayer_jax import attention as A
 
 
-def v5p_mesh(topology: str = "v5p:2x2x1", bounds=(2, 2, 1)):
-    from jax.experimental import topologies
+def v5p_mesh(device: str = "v5p-8"):
+    from slayer_jax.aot import accelerator, tpu_devices
+    from slayer_jax.sharding import make_mesh
 
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
-                                        chips_per_host_bounds=bounds, num_slices=1)
-    return jax.sharding.Mesh(np.asarray(topo.devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+    return make_mesh("data=-1", devices=tpu_devices(accelerator(device)))
 
 
 def attention_temp_bytes(mesh, backend: str, T: int, H: int, K: int, Dh: int, dtype=jnp.bfloat16,

@@ -38,12 +38,10 @@ D, T = 4096, 4096
 
 
 def v5p8_mesh() -> Mesh:
-    import numpy as np
-    from jax.experimental import topologies
+    from slayer_jax.aot import accelerator, tpu_devices
+    from slayer_jax.sharding import make_mesh
 
-    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1", chip_config_name="default",
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    return Mesh(np.asarray(topo.devices).reshape(1, 4, 1), ("data", "fsdp", "tensor"))
+    return make_mesh("fsdp=4", devices=tpu_devices(accelerator("v5p-8")))
 
 
 def compile_loss_grad(mesh: Mesh, V: int, rows_per_chip: int, chunk: int | None, *, d: int = D, t: int = T,

@@ -74,6 +74,10 @@ def tpu_devices(acc: dict[str, Any]) -> list:
 
     if importlib.util.find_spec("libtpu") is None:
         raise SlayerError("libtpu is not installed; `pip install slayer_jax[tpu]` compiles for real TPU topologies")
+    import os
+
+    # a deviceless compile touches no chip: let several processes (plans, tests) load libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=acc["topology"],

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The test extra installs libtpu (for deviceless TPU compiles); without a TPU, JAX must not try to
 # start its TPU runtime. Subprocesses inherit this.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless TPU compiles only: no chip is shared
 
 import pytest  # noqa: E402
 

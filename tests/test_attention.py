@@ -167,11 +167,10 @@ def test_cudnn_equals_xla_bf16(K):
 
 
 def _v5p_mesh():
-    from jax.experimental import topologies
+    from slayer_jax.aot import accelerator, tpu_devices
+    from slayer_jax.sharding import make_mesh
 
-    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1", chip_config_name="default",
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    return jax.sharding.Mesh(np.asarray(topo.devices).reshape(4, 1, 1), ("data", "fsdp", "tensor"))
+    return make_mesh("data=4", devices=tpu_devices(accelerator("v5p-8")))
 
 
 def _layer_temp_bytes(mesh, backend, T=1024):
