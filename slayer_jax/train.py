@@ -408,7 +408,6 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     """
     import json
     import time
-    from pathlib import Path
 
     from tqdm.auto import tqdm
 
