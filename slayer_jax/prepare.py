@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slayer_jax.assets import _sha256  # one file hash for the project
 from slayer_jax.errors import SlayerError
 
 FORMAT = "slayer-prepared-rows"
@@ -162,14 +163,6 @@ def vocab_hash(tokenizer) -> str:
     """A short hash of the tokenizer's vocabulary (token -> id), to match a corpus to a model."""
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def provenance(source: str, *, split: str, sha256: bool = False, max_files: int = 100_000) -> dict:

@@ -361,7 +361,9 @@ def cached_copy(url: str) -> Path:
     from slayer_jax.errors import SlayerError
 
     url = _url(url)
-    cache = Path(os.environ.get("SLAYER_CACHE", Path.home() / ".cache" / "slayer_jax")) / "remote"
+    from slayer_jax.assets import cache_root
+
+    cache = cache_root() / "remote"  # the project's one cache root ($SLAYER_CACHE)
     local = cache / url.split("://", 1)[1].strip("/")
     fs, root = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
