@@ -159,6 +159,8 @@ def cmd_train(a: argparse.Namespace, extra: list[str]) -> int:
         raise SlayerError(f"train: unrecognised argument '{bad[0]}'; overrides look like --config.key=value")
     config = load_config_file(a.config, extra)
     summary = run(config)
+    if summary["preempted_at"] is not None:  # checkpoint committed; the same command resumes
+        return 0
     last = summary["history"][-1] if summary["history"] else {}
     print(f"trained {len(summary['history'])} steps; final loss {last.get('loss', float('nan')):.4f}; "
           f"export: {summary['export_dir']}")

@@ -175,6 +175,8 @@ def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, 
     with timer(f"train {name} (seed {seed}, {steps} steps)"):
         # --compare evaluates during training (curves); the default run only at the end (time budget)
         summary = run(c, eval_hook=(lambda step, p: evaluate(p, cfg, sets, mcq=False)) if curve else None)
+    if summary["preempted_at"] is not None:  # the demo's runs start afresh: nothing to resume
+        raise SystemExit(f"slayer demo: stopped by SIGTERM while training {name}; run it again to start over")
     with timer(f"evaluate {name} (seed {seed})"):
         final = evaluate(summary["params"], cfg, sets)
     hist = summary["history"]

@@ -12,7 +12,9 @@ spans every device of every process. This module holds what that needs beyond on
   gives the same batches whatever the number of processes;
 - :func:`require_shared_dir`: a workdir every process can see (shared disk or gs://), refused at
   start, on every process, when it is not, instead of a checkpoint save that waits forever;
-- :func:`scalar`: a replicated result as a Python number on every process.
+- :func:`replicated_value`: a replicated result as a host array on every process;
+- :class:`PreemptionNotice`: SIGTERM (a preempted Cloud TPU VM, a SLURM requeue) as a request to
+  save at a step every process agrees on.
 """
 
 from __future__ import annotations
@@ -233,3 +235,43 @@ def require_shared_dir(path, what: str = "workdir") -> None:
         blind = [int(i) for i in np.flatnonzero(seen_all == 0)]
         raise SlayerError(f"{what} {path}: processes {blind} of {jax.process_count()} cannot see what process 0 wrote "
                           f"there; every process writes one checkpoint, so it must be a shared filesystem or gs://")
+
+
+class PreemptionNotice:
+    """SIGTERM as a preemption notice: :meth:`reached` turns True at one step, the same on every
+    process, at which the caller saves and stops.
+
+    Several processes: JAX's preemption sync service (``jax.distributed`` catches SIGTERM on any
+    process, spreads the notice and picks the first step every process can still reach;
+    :func:`jax.experimental.multihost_utils.reached_preemption_sync_point`). One process: a SIGTERM
+    handler sets a flag, and the step after it is the one; the previous handler is put back on
+    :meth:`close`. Outside the main thread (where no handler can be installed) one process never
+    reaches it."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.received = False
+        self._previous = None
+        self.multi = jax.process_count() > 1
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """Call at every step, from the same first step on every process."""
+        if not self.multi:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+
+    def close(self) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -399,6 +399,9 @@ class RunLogs:
         self._safely(self.writer.close)
 
 
+RUN_STATUS = "run_status.json"  # {"state": "running" | "preempted" | "complete", "step": N, "steps": M}
+
+
 def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = None) -> dict[str, Any]:
     """load -> (surgery) -> masked sharded training -> HF export. Returns a summary dict.
 
@@ -523,16 +526,23 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if c.get("full_finetune", False) or plan is None:
         fpt["masked"] = fpt["full"]
     peak = device_peak_flops()
+    def run_status(state: str) -> None:  # what a launcher reads to tell a finished run from a preempted one
+        if is_main:
+            storage.write_text_atomic(workdir / RUN_STATUS, json.dumps({"state": state, "step": step, "steps": steps}))
+
+    step = start
     with multihost.together(f"workdir {workdir}"):  # process 0 opens the logs; a failure stops every process
         logs = RunLogs(workdir, start) if is_main else None
+        run_status("running")
     history = []
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not is_main)
     t_last, tokens_since = time.perf_counter(), 0.0
-    step = start
     if eval_hook is not None and start == 0:
         rec0 = {"step": 0, **eval_hook(0, merge_params(state["trainable"], program.step.to_list_layout(frozen)))}
         history.append(rec0)
         t_last = time.perf_counter()
+    notice = multihost.PreemptionNotice()  # SIGTERM: save at this step, on every process, and stop
+    preempted = False
     try:
         while step < steps:
             t_step = time.perf_counter()
@@ -568,15 +578,29 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                 logs.record(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
-            if step % int(c.checkpoint.every) == 0 or step == steps:
+            preempted = notice.reached(step)
+            if preempted or step % int(c.checkpoint.every) == 0 or step == steps:
                 ckpt.save(step, state, loader, meta)
                 if is_main:  # remote logs are written out once per checkpoint
                     logs.flush()
+            if preempted:
+                break
     finally:
+        notice.close()
         bar.close()
-        ckpt.close()
+        ckpt.close()  # waits for the last save to commit
         if logs is not None:
             logs.close()
+
+    if preempted:
+        run_status("preempted")
+        if is_main:
+            import sys
+
+            print(f"slayer: preempted (SIGTERM) at step {step} of {steps}: checkpoint committed in {ckpt.directory}; "
+                  f"run the same command again to resume", file=sys.stderr, flush=True)
+        return {"history": history, "preempted_at": step, "export_dir": None, "layer_map": lmap, "plan": plan,
+                "step_hlo": step_hlo}
 
     final = merge_params(state["trainable"], program.step.to_list_layout(frozen))
     export_dir = None
@@ -585,6 +609,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                   "trainable_layers": trainable_idx, "trained_steps": steps}
         export_dir = save_hf(final, cfg, c.export_dir, tokenizer=tok, extra_config={"slayer": record},
                              overwrite=True, progress=is_main)
-    return {"params": final, "cfg": cfg, "tokenizer": tok, "history": history, "layer_map": lmap,
+    run_status("complete")
+    return {"params": final, "cfg": cfg, "tokenizer": tok, "history": history, "layer_map": lmap, "preempted_at": None,
             "plan": plan, "mask": mask, "pack_stats": stats, "export_dir": export_dir,
             "flops_per_token": fpt, "opt_state_bytes": tree_bytes(state["opt_state"]), "step_hlo": step_hlo}

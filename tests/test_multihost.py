@@ -227,10 +227,68 @@ def test_two_processes_export_loads_in_transformers_with_the_same_logits(setup):
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    return train(setup, "uninterrupted", 2, 2, "fsdp=4", steps=8)
+
+
+def assert_same_run(ref: Path, resumed: Path, steps: int) -> None:
+    a, b = records(ref), records(resumed)
+    assert sorted(b) == list(range(1, steps + 1))
+    lines = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, steps + 1))  # the steps after the restored checkpoint were dropped, then redone
+    for s in range(1, steps + 1):
+        assert b[s]["loss"] == a[s]["loss"] and b[s]["grad_norm"] == a[s]["grad_norm"], s
+    w_a, w_b = weights(ref / "hf"), weights(resumed / "hf")
+    for n in w_a:
+        assert np.array_equal(w_a[n], w_b[n]), n
+
+
 @pytest.mark.slow
-def test_sigkill_both_processes_and_resume_bit_for_bit(setup):
+def test_sigterm_to_one_process_saves_at_one_step_on_both_exits_0_and_resumes_bit_for_bit(setup, uninterrupted):
+    """A preemption notice reaches one host: JAX's preemption sync service spreads it, both
+    processes save the same step and exit 0. Regular checkpoints are off (every 1000 steps)."""
+    import os
+    import signal
+
+    steps, name = 8, "sigterm"
+    o = overrides(setup, name, "fsdp=4", steps=steps, **{"checkpoint.every": 1000})
+    procs = mp.start(mp.train_argv(CONFIG, o), 2, 2, setup / f"{name}.logs")
+    metrics = setup / name / "metrics.jsonl"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            if any(p.poll() is not None for p in procs):
+                pytest.fail("training ended before the signal:\n" + mp.logs(setup / f"{name}.logs", 2))
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGTERM)  # process 1 only
+        codes = mp.wait(procs, 300)
+    finally:
+        mp.kill(procs)
+    text = mp.logs(setup / f"{name}.logs", 2)
+    assert codes == [0, 0], text
+    assert "Traceback" not in text
+    saved = [p.name for p in (setup / name / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 3 <= int(saved[0]) < steps, (saved, text)
+    at = int(saved[0])
+    assert sorted(p.name for p in (setup / name / "checkpoints" / saved[0] / "data").glob("process_*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    assert f"slayer: preempted (SIGTERM) at step {at} of {steps}" in text
+    assert json.loads((setup / name / "run_status.json").read_text()) == {"state": "preempted", "step": at,
+                                                                          "steps": steps}
+    assert max(records(setup / name)) == at and not (setup / name / "hf").exists()
+    resumed = train(setup, name, 2, 2, "fsdp=4", steps=steps, **{"checkpoint.every": 1000})
+    assert f"resumed from step {at}" in (setup / f"{name}.logs" / "proc0.log").read_text()
+    assert_same_run(uninterrupted, resumed, steps)
+    assert json.loads((resumed / "run_status.json").read_text())["state"] == "complete"
+
+
+@pytest.mark.slow
+def test_sigkill_both_processes_and_resume_bit_for_bit(setup, uninterrupted):
     steps = 8
-    ref = train(setup, "uninterrupted", 2, 2, "fsdp=4", steps=steps)
+    ref = uninterrupted
     name = "killed"
     o = overrides(setup, name, "fsdp=4", steps=steps)
     procs = mp.start(mp.train_argv(CONFIG, o), 2, 2, setup / f"{name}.logs")
@@ -251,15 +309,7 @@ def test_sigkill_both_processes_and_resume_bit_for_bit(setup):
     resumed = train(setup, name, 2, 2, "fsdp=4", steps=steps)
     log0 = (setup / f"{name}.logs" / "proc0.log").read_text()
     assert "resuming from it" in log0 and "resumed from step" in log0
-    a, b = records(ref), records(resumed)
-    assert sorted(b) == list(range(1, steps + 1))
-    lines = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert lines == list(range(1, steps + 1))  # the steps after the restored checkpoint were dropped, then redone
-    for s in range(1, steps + 1):
-        assert b[s]["loss"] == a[s]["loss"] and b[s]["grad_norm"] == a[s]["grad_norm"], s
-    w_a, w_b = weights(ref / "hf"), weights(resumed / "hf")
-    for n in w_a:
-        assert np.array_equal(w_a[n], w_b[n]), n
+    assert_same_run(ref, resumed, steps)
 
 
 @pytest.mark.slow

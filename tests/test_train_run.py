@@ -60,13 +60,65 @@ def _cli(args, **kw):
                              str(REPO / "configs" / "smollm2_slayer.py"), *args], env=env, **kw)
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_is_bit_identical(tiny_setup):
-    work = tiny_setup
-    ref = _cli(overrides(work, "ref"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+@pytest.fixture(scope="module")
+def reference(tiny_setup):
+    """The uninterrupted run's losses, steps 1..10."""
+    ref = _cli(overrides(tiny_setup, "ref"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert ref.wait(timeout=900) == 0, ref.stderr.read().decode()[-2000:]
-    reference = losses(work / "ref" / "metrics.jsonl")
-    assert sorted(reference) == list(range(1, 11))
+    out = losses(tiny_setup / "ref" / "metrics.jsonl")
+    assert sorted(out) == list(range(1, 11))
+    assert json.loads((tiny_setup / "ref" / "run_status.json").read_text()) == {"state": "complete", "step": 10,
+                                                                                "steps": 10}
+    return out
+
+
+def wait_for_steps(proc, metrics: Path, n: int) -> None:
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail("training finished before the signal could be sent")
+        time.sleep(0.05)
+    pytest.fail(f"no {n} steps logged in time")
+
+
+@pytest.mark.slow
+def test_sigterm_commits_a_checkpoint_at_the_current_step_exits_0_and_resumes_bit_for_bit(tiny_setup, reference):
+    """What a preempted Cloud TPU VM or a SLURM requeue sends. Regular checkpoints are off
+    (every 1000 steps), so the only checkpoint is the one SIGTERM asked for."""
+    work = tiny_setup
+    args = overrides(work, "term", **{"checkpoint.every": 1000})
+    victim = _cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = work / "term" / "metrics.jsonl"
+    wait_for_steps(victim, metrics, 3)
+    victim.send_signal(signal.SIGTERM)
+    err = victim.communicate(timeout=600)[1].decode()
+    assert victim.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    done = max(losses(metrics))
+    assert 3 <= done < 10, "the signal must land mid-run"
+    line = [ln for ln in err.splitlines() if ln.startswith("slayer: preempted")]
+    assert line == [f"slayer: preempted (SIGTERM) at step {done} of 10: checkpoint committed in "
+                    f"{work / 'term' / 'checkpoints'}; run the same command again to resume"], err[-2000:]
+    assert sorted(p.name for p in (work / "term" / "checkpoints").iterdir() if p.name.isdigit()) == [str(done)]
+    assert json.loads((work / "term" / "run_status.json").read_text()) == {"state": "preempted", "step": done,
+                                                                           "steps": 10}
+
+    resumed = _cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    assert f"resumed from step {done}".encode() in out
+    got = losses(metrics)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(1, 11):
+        assert got[step] == reference[step], (step, got[step], reference[step])  # bit for bit
+    assert json.loads((work / "term" / "run_status.json").read_text())["state"] == "complete"
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(tiny_setup, reference):
+    work = tiny_setup
 
     victim = _cli(overrides(work, "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = work / "killed" / "metrics.jsonl"
