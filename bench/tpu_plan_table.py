@@ -10,6 +10,8 @@ call): its FLOPs and `optimal_seconds` are the same at sequence 4096 and 8192 fo
 per step. The last column therefore adds the attention FLOPs of the model count (the masked step's
 work, causal not halved) to `optimal_seconds` at the chip's peak: a bound that still assumes the
 kernel runs at peak, so that MFU remains an upper bound, but no longer leaves attention out.
+Where the compiler's FLOPs per chip are below the model's own FLOPs outside attention (seen on
+16-chip slices), its count misses work and no MFU is printed from it.
 
     python bench/tpu_plan_table.py [--recipes slayer_llama2_7b,...] [--devices v5p-8,...]
                                    [--layers N] [--seq-len 4096] [--json out.json]
@@ -62,8 +64,14 @@ def main() -> None:
                 continue
             m, gib = info["memory"], 2**30
             mfu = info.get("mfu_estimate")
-            attn = attention_flops_per_device(c, info)
+            attn = attention_flops_per_device(c, info, a.layers)
             mfu_attn = None
+            # the compiler must see at least the model's work outside attention; where it counts
+            # less (seen on 16-chip slices), its FLOPs and optimal_seconds miss work: no MFU from them
+            seen = info["model_flops_per_device"]["masked"] - attn["masked"]
+            if info["flops_per_device"] < seen:
+                info["flops_below_model"] = {"compiler": info["flops_per_device"], "model_without_attention": seen}
+                mfu = None
             if mfu:
                 secs = info["optimal_seconds"] + attn["masked"] / accelerator(device)["peak"]
                 mfu_attn = {k: v / (secs * accelerator(device)["peak"]) for k, v in info["model_flops_per_device"].items()}
@@ -74,20 +82,21 @@ def main() -> None:
                   f"{info['compile_s']:.0f} | {info['flops_per_device'] / 1e12:.1f} | "
                   f"{info.get('optimal_seconds', float('nan')):.2f} | "
                   + (f"{mfu['full']:.0%} / {mfu['masked']:.0%} | {mfu_attn['full']:.0%} / {mfu_attn['masked']:.0%} |"
-                     if mfu else "unusable | - |"), flush=True)
+                     if mfu else "below the model's FLOPs: unusable | - |" if "flops_below_model" in info
+                     else "unusable | - |"), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2, default=str))
     print(f"\ncommand: python {' '.join(sys.argv)}; layers: {a.layers or 'all'}; sequence {a.seq_len}; "
           f"each recipe's own batch, grad_accum, remat and dtypes")
 
 
-def attention_flops_per_device(c, info: dict) -> dict[str, float]:
+def attention_flops_per_device(c, info: dict, num_layers: int | None = None) -> dict[str, float]:
     """The attention part of the model's FLOPs per chip-step (full and masked): the count at the
     config's sequence minus the same count with attention left out (sequence 0)."""
     from slayer_jax.aot import abstract_run
     from slayer_jax.train import flops_per_token
 
-    _, _, _, lmap, cfg = abstract_run(c)
+    _, _, _, lmap, cfg = abstract_run(c, num_layers)
     trainable = [r["index"] for r in lmap if r["trainable"]]
     full = bool(c.get("full_finetune", False)) or c.plan.kind == "none"
     args = (None if full else min(trainable), len(trainable), bool(c.plan.get("train_head", False)) or full)
