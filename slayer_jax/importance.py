@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax import scoring
+from slayer_jax import scoring, surgery
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
 from slayer_jax.model import Params, as_dtype
@@ -161,12 +161,10 @@ def removal_slots(L: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def expansion_slots(L: int, after: int, init: str = "copy", identity: bool = False):
     """L+1 slots: a new block after layer ``after`` (copy of it, or the average with the next layer;
     for the last layer "average" falls back to a copy, as in :func:`surgery.new_block`)."""
-    if init not in ("copy", "average"):
-        raise ValueError(f"init: {init!r} is not 'copy' or 'average'")
-    a = np.array(list(range(after + 1)) + [after] + list(range(after + 1, L)), np.int32)
+    src_a, src_b = surgery.block_sources(L, after, init)  # the surgery's own rule
+    a = np.array(list(range(after + 1)) + [src_a] + list(range(after + 1, L)), np.int32)
     b = a.copy()
-    if init == "average" and after + 1 < L:
-        b[after + 1] = after + 1
+    b[after + 1] = src_b
     g = np.ones(L + 1, np.float32)
     if identity:
         g[after + 1] = 0.0

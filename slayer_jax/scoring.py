@@ -46,11 +46,11 @@ import numpy as np
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
 from slayer_jax.model import DecoderBlock, Params, as_dtype, attention_mask, embed, rope_cos_sin, unembed
+from slayer_jax import surgery
 
 SAMPLES = Path(__file__).parent / "data_samples"
 SAMPLE_TEXT = SAMPLES / "english_text.jsonl"
 SAMPLE_MCQ = SAMPLES / "general_mcq.jsonl"
-ZEROED = ("o_proj", "down_proj")  # same roles as surgery.ZEROED: gate 0 makes a block an identity
 
 # Traces of the jitted functions below (one per compile): benchmarks and tests read this.
 TRACES: collections.Counter = collections.Counter()
@@ -335,14 +335,10 @@ def tree_mask(pos_BxT, seg_BxT, branch_BxT, sliding_window):
 
 
 def _slot_layer(stacked: Params, a, b, gate):
-    def pick(s):
-        s32 = (s[a].astype(jnp.float32) + s[b].astype(jnp.float32)) / 2  # a == b: exactly s[a]
-        return s32.astype(s.dtype)
-
-    layer = jax.tree_util.tree_map(pick, stacked)
-    for role in ZEROED:
-        layer[role] = jax.tree_util.tree_map(lambda w: w * gate.astype(w.dtype), layer[role])
-    return layer
+    """Slot (a, b, gate): surgery's new-block rule on stacked layers a and b (a == b: layer a as
+    it is; gate 0: an exact identity)."""
+    return surgery.build_block(jax.tree_util.tree_map(lambda s: s[a], stacked),
+                               jax.tree_util.tree_map(lambda s: s[b], stacked), outputs=gate)
 
 
 def run_slots(rest: Params, stacked: Params, a_S, b_S, gate_S, tokens_BxT, pos_BxT, seg_BxT, branch_BxT,

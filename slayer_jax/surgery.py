@@ -67,31 +67,44 @@ def remove_layers(params: Params, indices: Sequence[int]) -> Params:
     return _with_layers(params, [layer for i, layer in enumerate(params["layers"]) if i not in drop])
 
 
-def _mean_layer(a: Params, b: Params) -> Params:
-    return jax.tree_util.tree_map(lambda x, y: ((x.astype(jnp.float32) + y.astype(jnp.float32)) / 2).astype(x.dtype),
-                                  a, b)
+# ----------------------------------------------------------------------------- the new-block rule
+# The one definition of a new block, used by surgery below and by the importance sweeps
+# (scoring's slots build their variants with these two functions, on stacked layers).
+def block_sources(n_layers: int, after: int, init: str) -> tuple[int, int]:
+    """Which two layers a block inserted after layer ``after`` is the mean of: ``"copy"`` is
+    (after, after); ``"average"`` is (after, after + 1), a copy for the last layer."""
+    if init not in INITS:
+        raise ValueError(f"init: {init!r} is not one of {list(INITS)}")
+    return (after, after + 1) if init == "average" and after + 1 < n_layers else (after, after)
 
 
-def _zero_outputs(layer: Params) -> Params:
-    layer = dict(layer)
-    for key in ZEROED:
-        layer[key] = {leaf: jnp.zeros_like(v) for leaf, v in layer[key].items()}
-    return layer
+def build_block(a: Params, b: Params, outputs: Any = True) -> Params:
+    """The mean of layers ``a`` and ``b`` (in fp32, cast back; a == b gives a bit-exact copy),
+    with its residual-branch outputs (:data:`ZEROED`) kept (``True``), zeroed (``False``: the
+    block is an exact identity) or scaled by a traced gate (the sweeps; gate 0 zeroes them)."""
+    block = jax.tree_util.tree_map(
+        lambda x, y: ((x.astype(jnp.float32) + y.astype(jnp.float32)) / 2).astype(x.dtype), a, b)
+    if outputs is True:
+        return block
+    block = dict(block)
+    for role in ZEROED:
+        if outputs is False:
+            block[role] = jax.tree_util.tree_map(jnp.zeros_like, block[role])
+        else:
+            block[role] = jax.tree_util.tree_map(
+                lambda w: jnp.where(outputs == 0, jnp.zeros_like(w), w * jnp.asarray(outputs).astype(w.dtype)),
+                block[role])
+    return block
 
 
 def new_block(params: Params, after: int, init: str = "average", identity: bool = True) -> tuple[Params, tuple]:
     """The block to insert after layer ``after``, and the layers it was built from."""
     layers = params["layers"]
-    if init not in INITS:
-        raise ValueError(f"init: {init!r} is not one of {list(INITS)}")
-    if init == "average" and after + 1 < len(layers):
-        block, sources = _mean_layer(layers[after], layers[after + 1]), (after, after + 1)
-    else:
-        if init == "average":
-            warnings.warn(f"insert_layers: no layer after {after} to average with; using a copy of layer {after}",
-                          stacklevel=3)
-        block, sources = jax.tree_util.tree_map(jnp.array, layers[after]), (after,)
-    return (_zero_outputs(block) if identity else block), sources
+    i, j = block_sources(len(layers), after, init)
+    if init == "average" and i == j:
+        warnings.warn(f"insert_layers: no layer after {after} to average with; using a copy of layer {after}",
+                      stacklevel=3)
+    return build_block(layers[i], layers[j], outputs=not identity), tuple(sorted({i, j}))
 
 
 def insert_layers(params: Params, after: Sequence[int], init: str = "average", identity: bool = True) -> Params:

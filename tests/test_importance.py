@@ -393,3 +393,37 @@ def test_smollm2_removal_profile(smollm2_dir, tmp_path):
     assert all(0 < a < 1 for a in ang) and ang[0] > np.median(ang)
     assert (out / "importance_metrics.png").is_file()
     surgery.Plan.from_json(json.loads((out / "recommended_plan.json").read_text()))
+
+
+def test_the_new_block_rule_has_one_definition_surgery_and_sweeps_follow_a_change(monkeypatch):
+    """Change which projections the rule zeroes, in surgery alone: the surgery's identity block and
+    the sweep's identity-gated expansion slot both stop being identities, and still agree with
+    each other (the sweep builds its variants with surgery's own rule)."""
+    cfg = CFGS["llama_bias"]
+    params = _randomised(cfg, N_LAYERS)
+    wins, qs = _data(cfg.vocab_size)
+    es = scoring.pack(wins, qs, SEQ, batch_size=4)
+    rest, st = scoring.non_layer(params), scoring.stack_layers(params["layers"])
+    base = scoring.score_params(params, es, cfg).loglik
+
+    def both(init):
+        grown = surgery.insert_layers(params, [2], init=init, identity=True)
+        explicit = scoring.score_params(grown, es, cfg).loglik
+        slots = scoring.score_slots(rest, st, importance.expansion_slots(N_LAYERS, 2, init, identity=True), es,
+                                    cfg).loglik
+        return grown["layers"][3], explicit, slots
+
+    for init in ("copy", "average"):
+        block, explicit, slots = both(init)
+        assert not np.asarray(block["down_proj"]["kernel"]).any()
+        np.testing.assert_allclose(explicit, base, atol=1e-5)
+        np.testing.assert_allclose(slots, base, atol=1e-5)
+
+    monkeypatch.setattr(surgery, "ZEROED", ("o_proj",))  # one place: the rule now leaves down_proj alone
+    scoring.layer_logprobs.clear_cache()  # traced before the change
+    for init in ("copy", "average"):
+        block, explicit, slots = both(init)
+        assert np.asarray(block["down_proj"]["kernel"]).any() and not np.asarray(block["o_proj"]["kernel"]).any()
+        assert np.abs(explicit - base).max() > 1e-3  # no longer an identity ...
+        np.testing.assert_allclose(slots, explicit, atol=1e-5)  # ... and the sweep follows the surgery
+    scoring.layer_logprobs.clear_cache()
