@@ -44,6 +44,7 @@ import numpy as np
 
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
+from slayer_jax.loss import target_logprobs
 from slayer_jax.model import Params, as_dtype, forward
 
 TRACES: collections.Counter = collections.Counter()
@@ -103,9 +104,7 @@ def token_logprobs(params: Params, tokens_BxT, targets_BxT, *, cfg: ModelConfig,
     """log p(targets[b, t] | tokens[b, :t+1]) and whether it is the argmax, both [B, T]."""
     TRACES["token_logprobs"] += 1
     logits = forward(params, tokens_BxT, cfg, dtype=dtype)  # [B, T, V] float32
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    return tgt - lse, jnp.argmax(logits, axis=-1) == targets_BxT
+    return target_logprobs(logits, targets_BxT), jnp.argmax(logits, axis=-1) == targets_BxT
 
 
 def _length_bucket(n: int) -> int:

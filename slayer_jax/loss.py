@@ -58,12 +58,21 @@ def _logits(h, w, transpose_head: bool, dtype):
     return jnp.einsum(spec, h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token NLL from full logits: fp32 logsumexp minus the target's logit (the plain path)."""
+def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) per position from full logits ``[..., V]``: the target's fp32 logit minus the
+    fp32 logsumexp. The one definition behind the training loss (:func:`token_nll`), every
+    evaluation (``evaluate.token_logprobs``: ``slayer eval``, the lm-eval backend) and the
+    importance sweeps (``scoring.layer_logprobs``); :func:`chunked_token_nll` is its streamed
+    form for large vocabularies."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return lse - picked
+    return picked - lse
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token NLL from full logits (the plain path): ``-target_logprobs``."""
+    return -target_logprobs(logits, targets)
 
 
 def _chunks(V: int, chunk: int) -> tuple[int, int]:

@@ -47,6 +47,7 @@ from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
 from slayer_jax.model import DecoderBlock, Params, as_dtype, attention_mask, embed, rope_cos_sin, unembed
 from slayer_jax import surgery
+from slayer_jax.loss import target_logprobs
 
 SAMPLES = Path(__file__).parent / "data_samples"
 SAMPLE_TEXT = SAMPLES / "english_text.jsonl"
@@ -366,10 +367,8 @@ def layer_logprobs(rest, stacked, a_S, b_S, gate_S, tokens_BxT, pos_BxT, seg_BxT
     """log p(token_t | its context) for every token [B, T] (meaningless where there is no target)."""
     TRACES["layer_logprobs"] += 1
     x, _ = run_slots(rest, stacked, a_S, b_S, gate_S, tokens_BxT, pos_BxT, seg_BxT, branch_BxT, cfg, dtype)
-    logits = unembed(rest, cfg, x, dtype)  # [B, T, V] float32
-    lse_BxT = jax.nn.logsumexp(logits, axis=-1)
-    bidx = jnp.arange(tokens_BxT.shape[0])[:, None]
-    return logits[bidx, prev_BxT, tokens_BxT] - lse_BxT[bidx, prev_BxT]
+    x_prev = jnp.take_along_axis(x, prev_BxT[..., None], axis=1)  # [B, T, D]: the state that predicts token t
+    return target_logprobs(unembed(rest, cfg, x_prev, dtype), tokens_BxT)
 
 
 # ----------------------------------------------------------------------------- metrics
