@@ -9,10 +9,10 @@
 #   launch/tpu_vm.sh logs    --name N --zone Z [--out DIR]     # each worker's ~/slayer_logs/*.log
 #   launch/tpu_vm.sh delete  --name N --zone Z
 #
-# all: create, install, run. Unless WORKDIR/run_status.json then says "complete" and every worker
-#   exited 0, it deletes the queued resource, recreates it, reinstalls and reruns (a spot slice was
-#   reclaimed, a worker failed); `slayer train` resumes from WORKDIR's last checkpoint. At most
-#   --max-retries N (default 5) times. The slice is deleted only once run_status.json says
+# all: create, install, run. When the run was preempted (run_status.json says "preempted", or the
+#   slice is SUSPENDED or gone), it deletes the queued resource, recreates it, reinstalls and reruns;
+#   `slayer train` resumes from WORKDIR's last checkpoint. At most --max-retries N (default 5)
+#   times. A run that stops on an ACTIVE slice without a preemption (a crash) is not retried. The slice is deleted only once run_status.json says
 #   "complete" and EXPORT/config.json is on gs://; otherwise it is kept, and this says so.
 # --workdir gs://...: required for `slayer train` (checkpoints, export, TensorBoard, metrics,
 #   run_status.json; the workers' disks go with the slice). Appended to the command as
@@ -322,6 +322,9 @@ do_all() {
       if [[ "$RUN_STATE" == complete && $workers_ok -eq 1 ]]; then break; fi
       read_qr_state
       reason="run status $RUN_STATE, slice $QR_STATE, every worker exit 0: $([[ $workers_ok -eq 1 ]] && echo yes || echo no)"
+      if [[ "$QR_STATE" == ACTIVE && "$RUN_STATE" != preempted ]]; then  # a crash, not a preemption
+        keep_slice "the run stopped on an ACTIVE slice without a preemption ($reason); not retried, a rerun would fail the same way (launch/tpu_vm.sh logs fetches the logs)"
+      fi
     fi
     [[ $attempt -le $MAX_RETRIES ]] || keep_slice "giving up after $attempt attempts ($reason)"
     say "attempt $attempt did not finish ($reason): deleting the slice, then recreate, reinstall, resume"

@@ -255,10 +255,11 @@ with fsspec.open(workdir + "/run_status.json", "w") as f:
     return bin_
 
 
-@pytest.mark.parametrize("state", ["running", "complete"])
+@pytest.mark.parametrize("state", ["preempted", "running", "complete"])
 def test_tpu_all_keeps_the_slice_unless_the_results_are_verified(tmp_path, gcs_dir, state):
-    """A run that never says complete: 1 + --max-retries attempts, then the slice is kept. A run that
-    says complete but left no export: the slice is kept too. Never a delete after the last run."""
+    """A run preempted every time: 1 + --max-retries attempts, then the slice is kept. A run that
+    stopped on an ACTIVE slice without a preemption (a crash): kept at once, not retried. A run
+    that says complete but left no export: kept too. Never a delete after the last run."""
     env = fake_env(tmp_path)
     env["PATH"] = f"{_stub_slayer(tmp_path, state)}{os.pathsep}{env['PATH']}"
     r = sh(LAUNCH / "tpu_vm.sh", "all", "--name", "t", "--zone", "z", "--type", "v4-8", "--workdir", gcs_dir,
@@ -266,9 +267,12 @@ def test_tpu_all_keeps_the_slice_unless_the_results_are_verified(tmp_path, gcs_d
            cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     attempt = ["create", "describe", "scp", "install", "run", "cat"]
-    if state == "running":
+    if state == "preempted":
         assert calls(env) == [*attempt, "describe", "delete", *attempt, "describe"]
-        assert "giving up after 2 attempts (run status running, slice ACTIVE" in r.stderr
+        assert "giving up after 2 attempts (run status preempted, slice ACTIVE" in r.stderr
+    elif state == "running":
+        assert calls(env) == [*attempt, "describe"]
+        assert "the run stopped on an ACTIVE slice without a preemption (run status running" in r.stderr
     else:
         assert calls(env) == [*attempt, "ls"]
         assert f"the run says complete but {gcs_dir}/export/config.json is not on gs://" in r.stderr
