@@ -39,27 +39,28 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
+    from slayer_jax import surgery
     from slayer_jax.io import load_any
 
     _refuse_existing(a.out, a.overwrite)
     params, cfg, tok = load_any(a.src)
-    out = _save(params, cfg, tok, a.out, a.to, a.overwrite, a.dtype)
+    record = surgery.read_record(a.src)  # how the model was made travels with it
+    out = _save(params, cfg, tok, a.out, a.to, a.overwrite, a.dtype, extra_config=surgery.record_config(record))
     print(f"wrote {a.to} model with {len(params['layers'])} layers to {out}")
     return 0
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from slayer_jax import surgery
     from slayer_jax.checkpoint import load_model
-    from slayer_jax.io.hf import read_slayer_metadata, save_hf
-
+    from slayer_jax.io.hf import save_hf
     from slayer_jax.storage import cached_copy, is_remote
 
     _refuse_existing(a.out, a.overwrite)
     ckpt = cached_copy(a.ckpt) if is_remote(a.ckpt) else a.ckpt
     params, cfg, tok = load_model(ckpt)
-    meta = read_slayer_metadata(ckpt)
     out = save_hf(params, cfg, a.out, tokenizer=tok, overwrite=a.overwrite, dtype=a.dtype,
-                  extra_config={"slayer": meta} if meta else None)
+                  extra_config=surgery.record_config(surgery.read_record(ckpt)))
     print(f"exported {len(params['layers'])} layers to {out}")
     return 0
 
@@ -101,21 +102,12 @@ def cmd_info(a: argparse.Namespace) -> int:
 def load_plan_arg(a: argparse.Namespace, num_layers: int):
     from slayer_jax import surgery
 
+    kind = a.plan if a.plan in ("shallow", "uniform") else "file"
     try:
-        if a.plan == "shallow":
-            prune = [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else a.prune_mode
-            return surgery.shallow(num_layers, a.expand, a.prune if not a.prune_layers else len(prune), prune=prune,
-                                   refresh_last=a.refresh_last, init=a.init or surgery.default_init("shallow"))
-        if a.plan == "uniform":
-            return surgery.uniform(num_layers, a.expand, init=a.init or surgery.default_init("uniform"))
-        path = Path(a.plan)
-        if not path.exists():
-            raise SlayerError(f"{path}: plan file not found; --plan takes shallow, uniform or a plan .json")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SlayerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        plan = surgery.Plan.from_json(d.get("plan", d))
+        prune_layers = [int(x) for x in a.prune_layers.split(",")] if a.prune_layers else ()
+        plan = surgery.plan_from(kind, num_layers, expand=a.expand, prune=a.prune, prune_mode=a.prune_mode,
+                                 prune_layers=prune_layers, refresh_last=a.refresh_last, init=a.init or "",
+                                 file=a.plan)
     except ValueError as e:
         raise SlayerError(f"{getattr(a, 'plan', 'plan')}: {e}") from None
     if plan.num_layers != num_layers:
@@ -145,7 +137,7 @@ def cmd_surgery(a: argparse.Namespace) -> int:
     print(f"trainable parameters: {n_train:,} of {count_params(new_params):,} "
           f"({100 * n_train / count_params(new_params):.1f}%)")
     out = _save(new_params, cfg, tok, a.out, a.to, a.overwrite, a.dtype,
-                extra_config={"slayer": surgery.surgery_record(plan, lmap)})
+                extra_config=surgery.record_config(surgery.surgery_record(plan, lmap, mask)))
     print(f"wrote {out}")
     return 0
 

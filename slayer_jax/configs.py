@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 4
 
     c.plan = ml_collections.ConfigDict()
-    c.plan.kind = "shallow"  # none | shallow | uniform | file
+    c.plan.kind = "shallow"  # none | shallow | uniform | file | from_model (the model's own record: continue training)
     c.plan.expand = 7
     c.plan.prune = 0
     c.plan.prune_mode = "deepest"  # deepest | keep_last
@@ -120,7 +120,8 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
         ("remat", c.remat in ("none", "full", "save_dots"), "none, full or save_dots"),
         ("attention", c.get("attention", "auto") in ("auto", "xla", "splash", "cudnn"), "auto, xla, splash or cudnn"),
         ("loss_chunk", int(c.get("loss_chunk", 0)) >= 0, "0 (full logits) or a positive vocabulary chunk"),
-        ("plan.kind", c.plan.kind in ("none", "shallow", "uniform", "file"), "none, shallow, uniform or file"),
+        ("plan.kind", c.plan.kind in ("none", "shallow", "uniform", "file", "from_model"),
+         "none, shallow, uniform, file or from_model"),
         ("data.mode", c.data.mode in ("text", "sft"), "text or sft"),
         ("data.seq_len", int(c.data.seq_len) > 1, "an integer > 1"),
     ):

@@ -289,6 +289,77 @@ def from_profile(importance: Sequence[float], n_expand: int, n_prune: int = 0, k
     return Plan(L, expand_after=tuple(expand), prune=tuple(pruned), init=init, name="from_profile", notes=notes, **kw)
 
 
+PLAN_KINDS = ("none", "shallow", "uniform", "file", "from_model")
+
+
+def plan_from(kind: str, num_layers: int, *, expand: int = 0, prune: int = 0, prune_mode: str = "deepest",
+              prune_layers: Sequence[int] = (), refresh_last: bool = False, init: str = "", file: str = "",
+              train_head: bool = False) -> Plan | None:
+    """The plan a ``kind`` names (``slayer surgery``'s flags and ``slayer train``'s plan block
+    both come here): ``shallow`` (S strategy), ``uniform`` (LLaMA Pro), ``file`` (a plan .json or
+    a record), ``none`` and ``from_model`` (no new surgery) give None. ``init`` "" is the kind's own."""
+    from pathlib import Path
+
+    from slayer_jax.errors import SlayerError
+
+    if kind in ("none", "from_model", None):
+        return None
+    init = init or default_init(kind)
+    kw = {"train_head": True} if train_head else {}
+    if kind == "shallow":
+        prune_arg = list(prune_layers) if prune_layers else prune_mode
+        return shallow(num_layers, expand, len(prune_layers) if prune_layers else prune, prune=prune_arg,
+                       refresh_last=refresh_last, init=init, **kw)
+    if kind == "uniform":
+        return uniform(num_layers, expand, init=init, **kw)
+    if kind == "file":
+        path = Path(file)
+        if not path.is_file():
+            raise SlayerError(f"{path}: plan file not found; expected a plan .json (or an exported config.json)")
+        try:
+            d = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SlayerError(f"{path}: not valid JSON ({e})") from None
+        d = d.get(RECORD_KEY, d) if isinstance(d, dict) else d  # an exported config.json: its record
+        d = d.get("plan", d) if isinstance(d, dict) else d
+        if not isinstance(d, dict):
+            raise SlayerError(f"{path}: plan: expected an object with num_layers, expand_after, prune, ...")
+        try:
+            return Plan.from_json(d)
+        except (TypeError, ValueError) as e:
+            raise SlayerError(f"{path}: {e}") from None
+    raise ValueError(f"plan.kind: {kind!r} is not one of {list(PLAN_KINDS)}")
+
+
+def prepare_for_training(params: Params, plan: Plan | None, *, record: Record | None = None,
+                         full_finetune: bool = False) -> tuple[Params, Params, list[dict[str, Any]]]:
+    """(params, trainable mask, layer map) to train: ``plan`` applied; else the model's own
+    ``record`` (an exported expanded model: train on what it records as trainable, no new
+    surgery); else the whole model. ``full_finetune`` makes everything trainable either way."""
+    if plan is not None:
+        params = apply_plan(params, plan)[0]
+    return (params, *training_mask(params, plan, record=record, full_finetune=full_finetune))
+
+
+def training_mask(params: Params, plan: Plan | None, *, record: Record | None = None,
+                  full_finetune: bool = False) -> tuple[Params, list[dict[str, Any]]]:
+    """The mask and layer map of :func:`prepare_for_training`, over the params after the plan
+    (arrays or shapes: nothing is computed)."""
+    if plan is not None:
+        lmap = layer_map(plan)
+        mask = trainable_mask(params, [r["trainable"] for r in lmap], plan.train_embed, plan.train_norm,
+                              plan.train_head)
+    elif record is not None:
+        mask, lmap = record.mask(params), [dict(r) for r in record.layer_map]
+    else:
+        lmap = original_layer_map(len(params["layers"]), trainable=True)
+        mask = jax.tree_util.tree_map(lambda _: True, params)
+    if full_finetune:
+        mask = jax.tree_util.tree_map(lambda _: True, params)
+        lmap = [dict(r, trainable=True) for r in lmap]
+    return mask, lmap
+
+
 # ----------------------------------------------------------------------------- apply
 def layer_map(plan: Plan) -> list[dict[str, Any]]:
     """For each layer of the new model: its index, kind, source layers (original numbering)
@@ -303,7 +374,7 @@ def layer_map(plan: Plan) -> list[dict[str, Any]]:
             else:
                 out.append({"kind": "original", "from": [i], "trainable": False})
         if i in after:
-            src = [i, i + 1] if plan.init == "average" and i + 1 < L else [i]
+            src = sorted(set(block_sources(L, i, plan.init)))
             out.append({"kind": "inserted", "from": src, "trainable": True})
     for j, rec in enumerate(out):
         rec["index"] = j
@@ -339,25 +410,124 @@ def apply_plan(params: Params, plan: Plan) -> tuple[Params, Params, list[dict[st
         else:
             layers.append(new_block(params, rec["from"][0], plan.init, plan.identity)[0])
     new_params = _with_layers(params, layers)
-    mask = trainable_mask(new_params, [r["trainable"] for r in lmap], plan.train_embed, plan.train_norm,
-                          plan.train_head)
-    return new_params, mask, lmap
+    return new_params, training_mask(new_params, plan)[0], lmap
 
 
-def surgery_record(plan: Plan, lmap: list[dict[str, Any]]) -> dict[str, Any]:
-    """What goes under the ``slayer`` key of an exported config.json."""
-    return {"plan": plan.to_json(), "layer_map": lmap,
-            "trainable_layers": [r["index"] for r in lmap if r["trainable"]]}
+# ----------------------------------------------------------------------------- the record
+# How a model was made, under config.json's "slayer" key: written by `slayer surgery`, by
+# `slayer train`'s export, and carried through `slayer convert` / `slayer export`; read back by
+# :func:`read_record`. One writer (:func:`surgery_record`), one reader, for every path.
+RECORD_KEY = "slayer"
+REST = ("embed", "norm", "lm_head")  # what is trainable besides whole layers, by role
+KINDS = ("original", "inserted", "refreshed")
 
 
-def mask_from_record(params: Params, record: dict[str, Any]) -> Params:
-    """Rebuild the trainable mask of a model exported with a ``slayer`` record."""
-    lmap = record["layer_map"]
-    if len(lmap) != len(params["layers"]):
-        raise ValueError(f"slayer.layer_map: {len(lmap)} entries but the model has {len(params['layers'])} layers")
-    plan = record.get("plan", {})
-    return trainable_mask(params, [bool(r["trainable"]) for r in lmap], plan.get("train_embed", False),
-                          plan.get("train_norm", False), plan.get("train_head", False))
+def original_layer_map(n_layers: int, trainable: bool) -> list[dict[str, Any]]:
+    """The layer map of a model trained as it is (no surgery)."""
+    return [{"index": i, "kind": "original", "from": [i], "trainable": trainable} for i in range(n_layers)]
+
+
+def surgery_record(plan: Plan | None, lmap: list[dict[str, Any]], mask: Params | None = None,
+                   trained_steps: int = 0) -> dict[str, Any]:
+    """The record to store (JSON). ``mask``: the trainable mask, whose embed / norm / lm_head flags
+    are recorded (default: the plan's ``train_*`` flags)."""
+    if mask is not None:
+        rest = {k: bool(jax.tree_util.tree_leaves(mask[k])) and all(jax.tree_util.tree_leaves(mask[k]))
+                for k in REST if k in mask}
+    else:
+        rest = {"embed": bool(plan and plan.train_embed), "norm": bool(plan and plan.train_norm),
+                "lm_head": bool(plan and plan.train_head)}
+    return json.loads(json.dumps({  # plain JSON types, as read back
+        "plan": plan.to_json() if plan else None, "layer_map": lmap,
+        "trainable_layers": [r["index"] for r in lmap if r["trainable"]], "trainable_rest": rest,
+        "trained_steps": int(trained_steps)}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """A model's record, read back: its plan (None: trained without surgery), layer map, what
+    else is trainable, and how many steps it was trained."""
+
+    plan: Plan | None
+    layer_map: list[dict[str, Any]]
+    trainable_rest: dict[str, bool]
+    trained_steps: int
+
+    def mask(self, params: Params) -> Params:
+        """The trainable mask it records, over ``params``."""
+        if len(self.layer_map) != len(params["layers"]):
+            raise ValueError(f"slayer.layer_map: {len(self.layer_map)} entries but the model has "
+                             f"{len(params['layers'])} layers")
+        return trainable_mask(params, [r["trainable"] for r in self.layer_map],
+                              *(self.trainable_rest.get(k, False) for k in REST))
+
+    def to_json(self) -> dict[str, Any]:
+        return surgery_record(self.plan, self.layer_map, trained_steps=self.trained_steps) | {
+            "trainable_rest": dict(self.trainable_rest)}
+
+
+def _record_error(where: str, field: str, expected: str) -> "SlayerError":
+    from slayer_jax.errors import SlayerError
+
+    return SlayerError(f"{where}: {RECORD_KEY}.{field}: expected {expected}")
+
+
+def parse_record(d: Any, where: str = "config.json") -> Record:
+    """Check and read a stored record (the JSON under the ``slayer`` key)."""
+    if not isinstance(d, dict):
+        raise _record_error(where, "", "an object")
+    lmap = d.get("layer_map")
+    if not isinstance(lmap, list) or not lmap:
+        raise _record_error(where, "layer_map", "a non-empty list of layers")
+    for j, r in enumerate(lmap):
+        ok = (isinstance(r, dict) and r.get("index") == j and r.get("kind") in KINDS
+              and isinstance(r.get("trainable"), bool) and isinstance(r.get("from"), list)
+              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in r["from"]))
+        if not ok:
+            raise _record_error(where, f"layer_map[{j}]", f'{{"index": {j}, "kind": one of {list(KINDS)}, '
+                                f'"from": [layer numbers], "trainable": true|false}}')
+    plan = None
+    if d.get("plan") is not None:
+        if not isinstance(d["plan"], dict):
+            raise _record_error(where, "plan", "an object or null")
+        try:
+            plan = Plan.from_json(d["plan"])
+        except (TypeError, ValueError) as e:
+            raise _record_error(where, "plan", f"a valid plan ({e})") from None
+    rest = d.get("trainable_rest")
+    if rest is None:  # records written before trainable_rest: the plan's flags
+        rest = {"embed": bool(plan and plan.train_embed), "norm": bool(plan and plan.train_norm),
+                "lm_head": bool(plan and plan.train_head)}
+    if not isinstance(rest, dict) or not all(k in REST and isinstance(v, bool) for k, v in rest.items()):
+        raise _record_error(where, "trainable_rest", f"an object of {list(REST)} -> true|false")
+    steps = d.get("trained_steps", 0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise _record_error(where, "trained_steps", "an integer >= 0")
+    return Record(plan, [dict(r) for r in lmap], dict(rest), steps)
+
+
+def read_record(model: Any) -> Record | None:
+    """The record of a model directory (HF export or slayer checkpoint, local or gs://), or None
+    for a model without one (as downloaded, a GGUF file)."""
+    from slayer_jax.storage import as_path
+
+    path = as_path(model) / "config.json"
+    try:
+        if not path.exists():
+            return None
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # unreadable configs are the importer's to report
+    if not isinstance(d, dict) or d.get(RECORD_KEY) is None:
+        return None
+    return parse_record(d[RECORD_KEY], str(path))
+
+
+def record_config(record: Record | dict | None) -> dict | None:
+    """The ``extra_config`` that stores ``record`` in an exported config.json."""
+    if record is None:
+        return None
+    return {RECORD_KEY: record.to_json() if isinstance(record, Record) else record}
 
 
 def format_layer_map(lmap) -> str:
@@ -375,17 +545,9 @@ def count_trainable(params: Params, mask: Params) -> int:
                                                    jax.tree_util.tree_leaves(mask)) if m))
 
 
-def load_record(model_dir) -> dict[str, Any] | None:
-    """The ``slayer`` record of an exported model directory, or None for an untouched model."""
-    from pathlib import Path
-
-    d = json.loads((Path(model_dir) / "config.json").read_text())
-    return d.get("slayer")
-
-
-def restore(params: Params, model_dir) -> tuple[Plan, Params, list[dict[str, Any]]] | None:
-    """(plan, trainable_mask, layer_map) of an imported expanded model, or None if it has none."""
-    record = load_record(model_dir)
+def restore(params: Params, model_dir) -> tuple[Plan | None, Params, list[dict[str, Any]]] | None:
+    """(plan, trainable_mask, layer_map) of an imported model with a record, or None if it has none."""
+    record = read_record(model_dir)
     if record is None:
         return None
-    return Plan.from_json(record["plan"]), mask_from_record(params, record), record["layer_map"]
+    return record.plan, record.mask(params), record.layer_map

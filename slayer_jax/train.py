@@ -280,26 +280,14 @@ def device_peak_flops() -> float | None:
 
 
 def build_plan(pc, num_layers: int):
-    """The surgery plan named by a config's ``plan`` block (None = train the model as it is)."""
+    """The surgery plan named by a config's ``plan`` block (None = no new surgery)."""
     from slayer_jax import surgery
 
-    kind = pc.get("kind", "none")
-    if kind in ("none", None):
-        return None
-    init = pc.get("init") or surgery.default_init(kind)  # "" = what the kind uses
-    if kind == "shallow":
-        prune = list(pc.prune_layers) if pc.get("prune_layers") else pc.get("prune_mode", "deepest")
-        return surgery.shallow(num_layers, pc.expand, len(prune) if pc.get("prune_layers") else pc.get("prune", 0),
-                               prune=prune, refresh_last=pc.get("refresh_last", False), init=init)
-    if kind == "uniform":
-        return surgery.uniform(num_layers, pc.expand, init=init)
-    if kind == "file":
-        import json as _json
-        from pathlib import Path
-
-        d = _json.loads(Path(pc.file).read_text())
-        return surgery.Plan.from_json(d.get("plan", d))
-    raise ValueError(f"plan.kind: {kind!r} is not none, shallow, uniform or file")
+    return surgery.plan_from(pc.get("kind", "none"), num_layers, expand=int(pc.get("expand", 0)),
+                             prune=int(pc.get("prune", 0)), prune_mode=pc.get("prune_mode", "deepest"),
+                             prune_layers=tuple(pc.get("prune_layers", ()) or ()),
+                             refresh_last=bool(pc.get("refresh_last", False)), init=pc.get("init", "") or "",
+                             file=pc.get("file", "") or "", train_head=bool(pc.get("train_head", False)))
 
 
 def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int, source: str, stats, separator,
@@ -442,14 +430,16 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if tok is None:
         raise SlayerError(f"{c.model}: no tokenizer files; training needs the model's tokenizer")
     plan = build_plan(c.plan, len(params["layers"]))
-    if plan is not None:
-        params, mask, lmap = surgery.apply_plan(params, plan)
-    else:
-        lmap = [{"index": i, "kind": "original", "from": [i], "trainable": True} for i in range(len(params["layers"]))]
-        mask = jax.tree_util.tree_map(lambda _: True, params)
-    if c.get("full_finetune", False):
-        mask = jax.tree_util.tree_map(lambda _: True, params)
-        lmap = [dict(r, trainable=True) for r in lmap]
+    record = None  # plan.kind from_model: continue training a model slayer made, as its record says
+    if c.plan.get("kind") == "from_model":
+        record = surgery.read_record(c.model)
+        if record is None:
+            raise SlayerError(f"{c.model}: plan.kind is from_model but the model has no slayer record in its "
+                              f"config.json (it was not made by slayer surgery or slayer train)")
+    params, mask, lmap = surgery.prepare_for_training(params, plan, record=record,
+                                                      full_finetune=bool(c.get("full_finetune", False)))
+    if record is not None:
+        plan = record.plan  # the record keeps naming the surgery that made the model
     trainable, frozen = split_params(params, mask)
     del params
     if c.get("frozen_dtype", ""):  # frozen weights need no fp32 master copy
@@ -605,9 +595,9 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     final = merge_params(state["trainable"], program.step.to_list_layout(frozen))
     export_dir = None
     if c.get("export_dir"):
-        record = {"plan": plan.to_json() if plan else None, "layer_map": lmap,
-                  "trainable_layers": trainable_idx, "trained_steps": steps}
-        export_dir = save_hf(final, cfg, c.export_dir, tokenizer=tok, extra_config={"slayer": record},
+        before = record.trained_steps if record is not None else 0
+        written = surgery.surgery_record(plan, lmap, mask, trained_steps=before + steps)
+        export_dir = save_hf(final, cfg, c.export_dir, tokenizer=tok, extra_config=surgery.record_config(written),
                              overwrite=True, progress=is_main)
     run_status("complete")
     return {"params": final, "cfg": cfg, "tokenizer": tok, "history": history, "layer_map": lmap, "preempted_at": None,

@@ -142,12 +142,6 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
-def read_slayer_metadata(path: str | Path) -> dict | None:
-    """The ``slayer`` record (surgery plan, layer map, ...) stored in an exported config.json."""
-    d = json.loads((Path(path) / "config.json").read_text())
-    return d.get("slayer")
-
-
 def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, mesh: Any = None,
             shardings: Any = None, progress: bool = True):
     """Import an HF Llama/Mistral directory. Returns (params, cfg, tokenizer_or_None).
