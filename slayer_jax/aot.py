@@ -121,14 +121,9 @@ def abstract_run(c, num_layers: int | None = None):
         L = num_layers
     abstract = expected_shapes(cfg, L)
     plan = build_plan(pc, L)
-    if plan is not None:
-        lmap = surgery.layer_map(plan)
-        abstract = jax.eval_shape(lambda p: surgery.apply_plan(p, plan)[0], abstract)
-    else:
-        lmap = [{"index": i, "kind": "original", "from": [i], "trainable": True} for i in range(L)]
-    full = bool(c.get("full_finetune", False)) or plan is None
-    mask = surgery.trainable_mask(abstract, [True if full else r["trainable"] for r in lmap],
-                                  train_embed=full, train_norm=full, train_head=full)
+    record = surgery.read_record(c.model) if pc.get("kind") == "from_model" else None
+    abstract = jax.eval_shape(lambda p: surgery.prepare_for_training(p, plan, record=record)[0], abstract)
+    mask, lmap = surgery.training_mask(abstract, plan, record=record, full_finetune=bool(c.get("full_finetune", False)))
     trainable, frozen = split_params(abstract, mask)
     fdt = c.get("frozen_dtype", "") or None
     if fdt:
