@@ -108,6 +108,43 @@ class ModelConfig:
                 raise ConfigError(f"{source}: field '{key}' is missing (required for a {d.get('model_type')} model)")
             return d[key]
 
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(f"{source}: field '{key}' is {d[key]!r}; expected {expected}")
+
+        def as_int(key: str, default: Any = None) -> int:
+            v = need(key) if default is None else (d[key] if d.get(key) is not None else default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+                raise bad(key, "an integer")
+            return int(v)
+
+        def as_float(key: str, default: float) -> float:
+            v = d.get(key)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad(key, "a number")
+            return float(v)
+
+        def as_bool(key: str, default: bool) -> bool:
+            v = d.get(key)
+            if v is None:
+                return default
+            if not isinstance(v, bool):
+                raise bad(key, "true or false")
+            return v
+
+        def token_id(key: str, many: bool = False) -> Any:
+            v = d.get(key)
+            if v is None:
+                return None
+            if many and isinstance(v, list):
+                if not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+                    raise bad(key, "a token id or a list of token ids (integers)")
+                return tuple(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(key, "a token id (an integer)" + (" or a list of them" if many else ""))
+            return v
+
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -116,26 +153,32 @@ class ModelConfig:
         if act != "silu":
             raise ConfigError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is implemented")
         for key in ("attention_dropout", "mlp_dropout"):
-            if float(d.get(key) or 0.0) != 0.0:
+            if as_float(key, 0.0) != 0.0:
                 raise ConfigError(f"{source}: field '{key}' is {d[key]!r}; dropout is not implemented, expected 0.0")
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(d.get("num_key_value_heads") or heads)
-        head_dim = d.get("head_dim")
-        head_dim = int(head_dim) if head_dim else hidden // heads
+        hidden = as_int("hidden_size")
+        heads = as_int("num_attention_heads")
+        if heads <= 0:
+            raise bad("num_attention_heads", "a positive integer")
+        kv_heads = as_int("num_key_value_heads", heads) or heads
+        head_dim = as_int("head_dim", 0) or hidden // heads
         if heads % kv_heads:
             raise ConfigError(f"{source}: field 'num_key_value_heads' ({kv_heads}) must divide "
                               f"num_attention_heads ({heads})")
 
         # transformers >= 5 nests theta and scaling under 'rope_parameters'.
         rope_params = d.get("rope_parameters")
-        rope_theta = d.get("rope_theta")
+        rope_theta = as_float("rope_theta", 10000.0)
         rope_scaling = d.get("rope_scaling")
         if isinstance(rope_params, dict):
-            rope_theta = rope_params.get("rope_theta", rope_theta)
+            theta = rope_params.get("rope_theta", rope_theta)
+            if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+                raise ConfigError(f"{source}: field 'rope_parameters.rope_theta' is {theta!r}; expected a number")
+            rope_theta = float(theta)
             if rope_scaling is None:
                 rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        elif rope_params is not None:
+            raise bad("rope_parameters", "an object")
         rope_scaling = _normalise_rope_scaling(rope_scaling, source)
 
         sliding = d.get("sliding_window")
@@ -143,28 +186,27 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'sliding_window' is {sliding!r}; llama has no sliding window")
         if model_type == "mistral" and d.get("use_sliding_window") is False:
             sliding = None
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = tuple(int(e) for e in eos)
+        if sliding is not None:
+            sliding = as_int("sliding_window")
         cfg = cls(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=as_int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=as_int("intermediate_size"),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             model_type=model_type,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rms_norm_eps=as_float("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=None if sliding is None else int(sliding),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=eos,
-            pad_token_id=d.get("pad_token_id"),
+            max_position_embeddings=as_int("max_position_embeddings", 2048),
+            tie_word_embeddings=as_bool("tie_word_embeddings", False),
+            attention_bias=as_bool("attention_bias", False),
+            mlp_bias=as_bool("mlp_bias", False),
+            sliding_window=sliding,
+            bos_token_id=token_id("bos_token_id"),
+            eos_token_id=token_id("eos_token_id", many=True),
+            pad_token_id=token_id("pad_token_id"),
         )
         cfg.validate(source)
         return cfg
@@ -257,7 +299,9 @@ def load_config(path: str | Path) -> tuple[ModelConfig, int]:
     if not path.exists():
         raise ConfigError(f"{path}: file not found; expected an HF config.json")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected an HF config.json") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(d, dict):

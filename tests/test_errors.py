@@ -59,7 +59,44 @@ def _break_rope(d):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _header(d, mutate):
+    """Rewrite model.safetensors' JSON header (the 8-byte length, then JSON) through ``mutate``."""
+    import struct
+
+    p = d / "model.safetensors"
+    data = p.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    new = json.dumps(mutate(header)).encode()
+    p.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+
+
+def _break_header_list(d):
+    _header(d, lambda h: list(h))
+
+
+def _break_header_offsets(d):
+    def drop(h):
+        name = next(k for k in h if k != "__metadata__")
+        del h[name]["data_offsets"]
+        return h
+    _header(d, drop)
+
+
+def _break_config_bytes(d):
+    (d / "config.json").write_bytes(b"\xff\xfe" + (d / "config.json").read_bytes())
+
+
 CASES = {
+    # readers fed the wrong JSON types: one line naming the file and field, never a traceback
+    "header_is_a_list": (_break_header_list, ["model.safetensors", "safetensors header", "expected a JSON object"]),
+    "header_no_data_offsets": (_break_header_offsets, ["model.safetensors", "field 'data_offsets' is 'missing'"]),
+    "config_not_utf8": (_break_config_bytes, ["config.json", "not UTF-8"]),
+    "hidden_size_abc": (lambda d: _edit_config(d, hidden_size="abc"), ["config.json", "'hidden_size' is 'abc'",
+                                                                       "expected an integer"]),
+    "tie_word_embeddings_str": (lambda d: _edit_config(d, tie_word_embeddings="yes"),
+                                ["config.json", "'tie_word_embeddings'", "true or false"]),
+    "eos_token_id_str": (lambda d: _edit_config(d, eos_token_id="</s>"), ["config.json", "'eos_token_id'"]),
     "missing_config": (_break_missing_config, ["config.json", "not found"]),
     "missing_weights": (_break_missing_weights, ["model.safetensors"]),
     "truncated_weights": (_break_truncated_weights, ["model.safetensors", "truncated"]),
@@ -84,6 +121,16 @@ def test_bad_input_one_line_nonzero_nothing_written(case, to, good_dir, tmp_path
         assert word in err[0], (word, err[0])
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temp dirs left behind
+
+
+def test_null_max_position_embeddings_takes_the_default(good_dir, tmp_path):
+    """JSON null where a number with a default goes is that default (transformers' own reading)."""
+    from slayer_jax.config import load_config
+
+    src = _copy(good_dir, tmp_path / "src")
+    _edit_config(src, max_position_embeddings=None, rope_theta=None)
+    cfg, _ = load_config(src)
+    assert cfg.max_position_embeddings == 2048 and cfg.rope_theta == 10000.0
 
 
 def test_existing_output_is_refused_and_kept(good_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -28,6 +28,24 @@ _DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _check_entry(path: Path, name: str, e: Any) -> None:
+    """One header entry: {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [begin, end]}."""
+    def ints(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
+
+    if not isinstance(e, dict):
+        raise SlayerError(f"{path}: safetensors header: tensor '{name}': expected an object with dtype, shape and "
+                          f"data_offsets")
+    for field, ok, want in (("dtype", isinstance(e.get("dtype"), str), "a dtype name"),
+                            ("shape", ints(e.get("shape")), "a list of integers >= 0"),
+                            ("data_offsets", ints(e.get("data_offsets"), 2)
+                             and e["data_offsets"][0] <= e["data_offsets"][1], "[begin, end] with begin <= end")):
+        if not ok:
+            raise SlayerError(f"{path}: safetensors header: tensor '{name}': field '{field}' is "
+                              f"{e.get(field, 'missing')!r}; expected {want}")
 
 
 class SafetensorsFile:
@@ -53,7 +71,12 @@ class SafetensorsFile:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise SlayerError(f"{self.path}: corrupt safetensors header (not JSON)") from None
         self.data_start = 8 + n
+        if not isinstance(header, dict):
+            raise SlayerError(f"{self.path}: safetensors header: expected a JSON object of tensor entries, got "
+                              f"{type(header).__name__}")
         self.metadata = header.pop("__metadata__", None) or {}
+        for name, e in header.items():
+            _check_entry(self.path, name, e)
         self.entries: dict[str, dict] = header
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > self.file_size:
