@@ -26,11 +26,13 @@ Layout (shape suffixes as in :mod:`slayer_jax.model`; S is the cache length)::
   traces. :data:`TRACES` counts traces.
 - The cache of a (B, S) bucket is allocated once per :class:`Generator` and reused: each call
   donates it to the prefill, which donates it to the decode loop, which hands it back.
-- On CPU the decode step is feature-major (:func:`feature_major_block`): the activations of the
-  B new tokens are kept as columns [D, B] and every projection is ``[F, D] x [D, B]`` on a
-  transposed copy of the kernels, made once per :class:`Generator`; XLA:CPU runs that
-  orientation about twice as fast at small B. Elsewhere the step is the flax
-  :class:`CachedDecoderBlock` on the parameters as they are. Prefill always uses the latter.
+- Prefill and decode are :func:`slayer_jax.model.block` in its "prefill" and "decode" modes
+  (:func:`cache_attention`) under the one layer loop, :func:`slayer_jax.model.run_layers`.
+  Their weights are a :class:`DecodeWeights` layout chosen when the :class:`Generator` is built
+  and held beside the params (never inside them). On CPU it is "out_in": every kernel transposed
+  once to [out, in] and multiplied weights first, ``[F, D] x [D, B]`` with the B new tokens as
+  columns, the orientation XLA:CPU runs about twice as fast at small B. Elsewhere it is the
+  params as they are ("in_out").
 - The decode loop runs ``n`` steps inside one compiled program (``lax.while_loop``); no Python
   runs per token. Stop tokens end a row inside the loop, and the loop ends when every row has.
   Stop strings and streaming need the host: then the loop runs in chunks of a few tokens,
@@ -48,24 +50,25 @@ import functools
 import math
 from typing import Any, Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import (Params, as_dtype, attention_mask, block_epilogue, block_qkv,
-                              dot_product_attention, embed, forward, rope_cos_sin)
+from slayer_jax.layout import is_stacked, run_length
+from slayer_jax.model import (Params, as_dtype, attention_mask, block, dot_product_attention, embed, forward,
+                              rope_cos_sin, run_layers, unembed)
 
 # Traces of the jitted functions below (one per compile): tests and benchmarks read this.
 TRACES: collections.Counter = collections.Counter()
 MAX_STOP_IDS = 8  # stop-token slots in the compiled loop (a traced array, padded with -1)
 
 
-# ----------------------------------------------------------------------------- one block, cached
+# ----------------------------------------------------------------------------- the KV cache
 def cached_attention(q_BxTxHxDh, k_NxSxDh, v_NxDhxS, mask_BxTxS, dtype) -> jax.Array:
-    """:func:`slayer_jax.model.dot_product_attention` over one layer's cache, N = B * K rows.
+    """The "decode" mode's attention: :func:`slayer_jax.model.dot_product_attention` over one layer's
+    cache, N = B * K rows.
 
     k is [B*K, S, Dh] and v [B*K, Dh, S]: with one query token (times G heads) the cache is the
     large operand of both matmuls and these are the layouts XLA reads without a transpose; and
@@ -87,35 +90,28 @@ def cached_attention(q_BxTxHxDh, k_NxSxDh, v_NxDhxS, mask_BxTxS, dtype) -> jax.A
     return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)
 
 
-class CachedDecoderBlock(nn.Module):
-    """:class:`slayer_jax.model.DecoderBlock` with a KV cache. Same parameter tree, same maths.
+def cache_attention(mode: str, mask_BxTxS, write_col, dtype):
+    """The "prefill" / "decode" mode's attend for :func:`slayer_jax.model.block`, over one layer's cache.
 
-    The cache of one layer is ``k`` [B*K, S, Dh] and ``v`` [B*K, Dh, S] (K kv heads: GQA shares
+    The cache of one layer is ``kv`` = (k [B*K, S, Dh], v [B*K, Dh, S]) (K kv heads: GQA shares
     them between the query heads of a group). The block's new k and v (T tokens) are written at
-    column ``write_col``; attention then reads ``kv_src``: "self" (the T new ones only: prefill,
-    where the prompt is the whole context) or "cache" (all S columns: decode).
+    column ``write_col``; then "prefill" attends the T new tokens among themselves (the prompt is
+    the whole context) and "decode" attends to all S columns (:func:`cached_attention`).
     """
-
-    cfg: ModelConfig
-    dtype: Any = jnp.float32
-    kv_src: str = "cache"
-
-    @nn.compact
-    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, cache_k, cache_v, write_col):
-        cfg, dt = self.cfg, self.dtype
-        K, Dh = cfg.num_key_value_heads, cfg.head_dim
-        B, T, _ = x_BxTxD.shape
-        q, k, v = block_qkv(cfg, dt, x_BxTxD, cos_BxTxDh, sin_BxTxDh)
+    def attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, kv):
+        B, T, K, Dh = k_BxTxKxDh.shape
+        cache_k, cache_v = kv
         zero, col = jnp.zeros((), jnp.int32), jnp.asarray(write_col, jnp.int32)
-        k_new = k.transpose(0, 2, 1, 3).reshape(B * K, T, Dh)  # [B*K, T, Dh]
-        v_new = v.transpose(0, 2, 3, 1).reshape(B * K, Dh, T)  # [B*K, Dh, T]
+        k_new = k_BxTxKxDh.transpose(0, 2, 1, 3).reshape(B * K, T, Dh)
+        v_new = v_BxTxKxDh.transpose(0, 2, 3, 1).reshape(B * K, Dh, T)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k_new.astype(cache_k.dtype), (zero, col, zero))
         cache_v = jax.lax.dynamic_update_slice(cache_v, v_new.astype(cache_v.dtype), (zero, zero, col))
-        if self.kv_src == "self":
-            attn = dot_product_attention(q, k, v, mask_BxTxS, dt)
+        if mode == "prefill":
+            attn = dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS, dtype)
         else:
-            attn = cached_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask_BxTxS, dt)
-        return block_epilogue(cfg, dt, x_BxTxD, attn), cache_k, cache_v
+            attn = cached_attention(q_BxTxHxDh, cache_k.astype(dtype), cache_v.astype(dtype), mask_BxTxS, dtype)
+        return attn, (cache_k, cache_v)
+    return attend
 
 
 def init_cache(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype: Any = jnp.float32):
@@ -129,100 +125,35 @@ def cache_bytes(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype:
     return 2 * n_layers * batch * length * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-# ----------------------------------------------------------------------------- one block, feature-major
-_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# ----------------------------------------------------------------------------- decode weight layouts
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "head_VxD"], meta_fields=["kernels"])
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+    """The weights the decode step reads, in a layout chosen once per :class:`Generator`, beside the params.
 
-
-def feature_major_layers(params: Params) -> list[dict]:
-    """Each layer's weights for :func:`feature_major_block`: kernels transposed to [F_out, D_in].
-
-    With one token per row, the decode step's activations are a few columns; XLA:CPU multiplies
-    ``[F, D] x [D, B]`` much faster than ``[B, D] x [D, F]`` at small B (a SmolLM2 layer's seven
-    projections: 1.8 against 3.2 ms at B = 8). Norm scales and biases are reshaped to columns.
+    kernels "in_out": ``layers`` is ``params["layers"]`` itself, ``head_VxD`` None (the decode step
+    reads the params as they are: accelerators). kernels "out_in" (the CPU default): ``layers`` is
+    the same tree with every projection kernel transposed once to [out, in] (norm scales and biases
+    shared, not copied), ``head_VxD`` the output projection [V, D] (the tied embedding itself, or the
+    lm_head kernel transposed), so that each matmul is ``[F, D] x [D, B]``: XLA:CPU runs that
+    orientation about twice as fast as ``[B, D] x [D, F]`` at small B (a SmolLM2 layer's seven
+    projections: 1.8 against 3.2 ms at B = 8; its head 10.8 against 24 ms).
     """
-    out = []
-    for layer in params["layers"]:
-        fm = {"attn_norm": layer["attn_norm"]["scale"][:, None], "mlp_norm": layer["mlp_norm"]["scale"][:, None]}
-        for name in _PROJ:
-            fm[name] = jnp.asarray(layer[name]["kernel"]).T
-            if "bias" in layer[name]:
-                fm[name + "_bias"] = layer[name]["bias"][:, None]
-        out.append(fm)
-    return out
+
+    layers: list
+    head_VxD: Any = None
+    kernels: str = "in_out"
+
+    @classmethod
+    def build(cls, params: Params, kernels: str) -> DecodeWeights:
+        if kernels == "in_out":
+            return cls(params["layers"], None, kernels)
+        layers = jax.tree_util.tree_map_with_path(
+            lambda path, a: jnp.swapaxes(a, -1, -2) if path[-1].key == "kernel" else a, params["layers"])
+        head = params["lm_head"]["kernel"].T if "lm_head" in params else params["embed"]["embedding"]
+        return cls(layers, jnp.asarray(head), kernels)
 
 
-def _rms_norm_DxB(x_DxB, scale_Dx1, eps: float, dt):
-    """:class:`slayer_jax.model.RMSNorm` over the feature axis 0 (same casts)."""
-    x32 = x_DxB.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
-    return scale_Dx1.astype(dt) * x32.astype(dt)
-
-
-def _proj_FxB(fm: dict, name: str, h_DxB, dt):
-    y = jnp.dot(fm[name].astype(dt), h_DxB.astype(dt))
-    return y + fm[name + "_bias"].astype(dt) if name + "_bias" in fm else y
-
-
-def _rope_NxDhxB(x_NxDhxB, cos_DhxB, sin_DhxB):
-    half = x_NxDhxB.shape[1] // 2
-    rotated = jnp.concatenate([-x_NxDhxB[:, half:], x_NxDhxB[:, :half]], axis=1)
-    return x_NxDhxB * cos_DhxB[None] + rotated * sin_DhxB[None]
-
-
-def feature_major_block(cfg: ModelConfig, dt, fm: dict, x_DxB, cos_DhxB, sin_DhxB, mask_Bx1xS, cache_k, cache_v,
-                        write_col):
-    """One decode token per row through one layer, activations kept as columns [D, B].
-
-    The same maths as :class:`CachedDecoderBlock` with T = 1 (both are tested against full
-    re-forwarding); only the orientation of the matmuls differs. Attention and the cache are
-    shared with it (:func:`cached_attention`), the [H*Dh, B] <-> [B, H*Dh] transposes being tiny.
-    """
-    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    B = x_DxB.shape[1]
-    h = _rms_norm_DxB(x_DxB, fm["attn_norm"], cfg.rms_norm_eps, dt)
-    q = _rope_NxDhxB(_proj_FxB(fm, "q_proj", h, dt).reshape(H, Dh, B), cos_DhxB, sin_DhxB)
-    k = _rope_NxDhxB(_proj_FxB(fm, "k_proj", h, dt).reshape(K, Dh, B), cos_DhxB, sin_DhxB)
-    v = _proj_FxB(fm, "v_proj", h, dt).reshape(K, Dh, B)
-    zero, col = jnp.zeros((), jnp.int32), jnp.asarray(write_col, jnp.int32)
-    k_new = k.transpose(2, 0, 1).reshape(B * K, 1, Dh)
-    v_new = v.transpose(2, 0, 1).reshape(B * K, Dh, 1)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k_new.astype(cache_k.dtype), (zero, col, zero))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v_new.astype(cache_v.dtype), (zero, zero, col))
-    attn_Bx1xHDh = cached_attention(q.transpose(2, 0, 1)[:, None], cache_k.astype(dt), cache_v.astype(dt),
-                                    mask_Bx1xS, dt)
-    x_DxB = x_DxB + _proj_FxB(fm, "o_proj", attn_Bx1xHDh[:, 0].T, dt)
-    h = _rms_norm_DxB(x_DxB, fm["mlp_norm"], cfg.rms_norm_eps, dt)
-    act = nn.silu(_proj_FxB(fm, "gate_proj", h, dt)) * _proj_FxB(fm, "up_proj", h, dt)
-    return x_DxB + _proj_FxB(fm, "down_proj", act, dt), cache_k, cache_v
-
-
-# ----------------------------------------------------------------------------- logits
-def head_VxD(params: Params) -> jax.Array:
-    """The output projection as [V, D]: the tied embedding itself, or the lm_head kernel transposed."""
-    if "head_VxD" in params:
-        return params["head_VxD"]
-    if "lm_head" in params:
-        return params["lm_head"]["kernel"].T
-    return params["embed"]["embedding"]
-
-
-def logits_VxB(params: Params, cfg: ModelConfig, x_DxB: jax.Array, dtype: Any) -> jax.Array:
-    """Next-token logits [V, B] (float32) of the last hidden states, given as columns x [D, B].
-
-    Vocabulary-major on purpose: with a handful of rows, XLA:CPU runs ``[V,D] x [D,B]`` about twice
-    as fast as ``[B,D] x [D,V]`` (10.8 against 24 ms for SmolLM2's 49152 x 576 head at B = 8), and
-    greedy decoding takes its argmax over V without transposing.
-    """
-    h_DxB = _rms_norm_DxB(x_DxB, params["norm"]["scale"][:, None], cfg.rms_norm_eps, dtype)
-    return jnp.dot(head_VxD(params).astype(dtype), h_DxB, preferred_element_type=jnp.float32)
-
-
-def next_tokens(lg_VxB, key, temperature, top_k, top_p, *, greedy: bool, filtered: bool):
-    """(tokens [B], logits [B, V] or None): greedy argmax straight over V; sampling needs [B, V]."""
-    if greedy:
-        return jnp.argmax(lg_VxB, axis=0).astype(jnp.int32), None
-    logits = lg_VxB.T
-    return sample_logits(logits, key, temperature, top_k, top_p, greedy=False, filtered=filtered), logits
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -273,10 +204,24 @@ def _stopped(tok_B, stop_ids):
     return jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
 
 
+def _run_cached(params: Params, weights: DecodeWeights, tokens_BxT, pos_BxT, mask_BxTxS, cache, write_col,
+                mode: str, cfg: ModelConfig, dtype):
+    """The tokens through every layer in ``mode``, their k, v written at ``write_col``: the last
+    token's logits [B, V] (float32) and the new cache."""
+    cos, sin = rope_cos_sin(pos_BxT, cfg.rope_inv_freq(), dtype)
+    attend = cache_attention(mode, mask_BxTxS, write_col, dtype)
+
+    def step(layer, x, kv):
+        return block(cfg, dtype, layer, x, cos, sin, attend, kv, weights.kernels)
+
+    x, cache, _ = run_layers(weights.layers, embed(params, tokens_BxT, dtype), step, cache)
+    return unembed(params, cfg, x[:, -1:], dtype, weights.head_VxD)[:, 0], cache
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "greedy", "filtered", "keep_logits"),
                    donate_argnames=("cache",))
-def prefill(params: Params, tokens_BxT, pad_B, active_B, cache, key, temperature, top_k, top_p, stop_ids, *,
-            cfg: ModelConfig, dtype, greedy: bool, filtered: bool, keep_logits: bool):
+def prefill(params: Params, weights: DecodeWeights, tokens_BxT, pad_B, active_B, cache, key, temperature, top_k,
+            top_p, stop_ids, *, cfg: ModelConfig, dtype, greedy: bool, filtered: bool, keep_logits: bool):
     """Run the left-padded prompts, fill cache columns 0..T-1, sample the first new token.
 
     Returns the decode state: {"cache", "buf" [B, S] tokens by column, "col" (the next column to
@@ -289,66 +234,42 @@ def prefill(params: Params, tokens_BxT, pad_B, active_B, cache, key, temperature
     pos = _row_positions(cols, pad_B)
     seg = (cols[None, :] >= pad_B[:, None]).astype(jnp.int32)  # 0 = left padding (sees only padding)
     mask = attention_mask(pos, pos, seg, seg, cfg.sliding_window)
-    cos, sin = rope_cos_sin(pos, cfg.rope_inv_freq(), dtype)
-    block = CachedDecoderBlock(cfg, dtype, kv_src="self")
-    x = embed(params, tokens_BxT, dtype)
-    new_cache = []
-    for layer, (ck, cv) in zip(params["layers"], cache):
-        x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, 0)
-        new_cache.append((ck, cv))
-    lg_VxB = logits_VxB(params, cfg, x[:, -1].T, dtype)
+    logits, new_cache = _run_cached(params, weights, tokens_BxT, pos, mask, cache, 0, "prefill", cfg, dtype)
     key, sub = jax.random.split(key)
-    tok, logits = next_tokens(lg_VxB, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
     done = ~active_B
-    tok = jnp.where(done, 0, tok)
+    tok = jnp.where(done, 0, sample_logits(logits, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered))
     buf = jnp.zeros((B, S), jnp.int32).at[:, :T].set(tokens_BxT).at[:, T].set(tok)
     state = {"cache": new_cache, "buf": buf, "col": jnp.int32(T + 1), "done": done | _stopped(tok, stop_ids),
              "pad": pad_B, "key": key}
     if keep_logits:
-        logits = lg_VxB.T if logits is None else logits
         state["logits"] = jnp.zeros((B, S, logits.shape[-1]), jnp.float32).at[:, T].set(logits)
     return state
 
 
-def _decode_step(params, state, temperature, top_k, top_p, stop_ids, cfg, dtype, greedy, filtered):
+def _decode_step(params, weights, state, temperature, top_k, top_p, stop_ids, cfg, dtype, greedy, filtered):
     col = state["col"]
     S = state["buf"].shape[1]
     prev = col - 1  # the newest token sits in column col - 1: run it, predict column col
-    tok_B = jax.lax.dynamic_index_in_dim(state["buf"], prev, axis=1, keepdims=False)
+    tok_Bx1 = jax.lax.dynamic_slice_in_dim(state["buf"], prev, 1, axis=1)
     pad = state["pad"]
     pos = jnp.maximum(prev - pad, 0)[:, None].astype(jnp.int32)
-    cos, sin = rope_cos_sin(pos, cfg.rope_inv_freq(), dtype)
     mask = _decode_mask(prev, pad, S, cfg.sliding_window)
-    x = embed(params, tok_B[:, None], dtype)
-    new_cache = []
-    if "layers_FxD" in params:  # feature-major weights (Generator, on CPU): activations as [D, B] columns
-        x_DxB, cos_DhxB, sin_DhxB = x[:, 0].T, cos[:, 0].T, sin[:, 0].T
-        for fm, (ck, cv) in zip(params["layers_FxD"], state["cache"]):
-            x_DxB, ck, cv = feature_major_block(cfg, dtype, fm, x_DxB, cos_DhxB, sin_DhxB, mask, ck, cv, prev)
-            new_cache.append((ck, cv))
-        lg_VxB = logits_VxB(params, cfg, x_DxB, dtype)
-    else:
-        block = CachedDecoderBlock(cfg, dtype, kv_src="cache")
-        for layer, (ck, cv) in zip(params["layers"], state["cache"]):
-            x, ck, cv = block.apply({"params": layer}, x, cos, sin, mask, ck, cv, prev)
-            new_cache.append((ck, cv))
-        lg_VxB = logits_VxB(params, cfg, x[:, 0].T, dtype)
+    logits, new_cache = _run_cached(params, weights, tok_Bx1, pos, mask, state["cache"], prev, "decode", cfg, dtype)
     key, sub = (state["key"], state["key"]) if greedy else jax.random.split(state["key"])
-    nxt, logits = next_tokens(lg_VxB, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
+    nxt = sample_logits(logits, sub, temperature, top_k, top_p, greedy=greedy, filtered=filtered)
     nxt = jnp.where(state["done"], 0, nxt)
     out = dict(state, cache=new_cache, key=key, col=col + 1,
                buf=jax.lax.dynamic_update_slice(state["buf"], nxt[:, None], (jnp.int32(0), col)),
                done=state["done"] | _stopped(nxt, stop_ids))
     if "logits" in state:
-        logits = lg_VxB.T if logits is None else logits
         out["logits"] = jax.lax.dynamic_update_slice(state["logits"], logits[:, None, :],
                                                      (jnp.int32(0), col, jnp.int32(0)))
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "greedy", "filtered"), donate_argnames=("state",))
-def decode_chunk(params: Params, state, end_col, temperature, top_k, top_p, stop_ids, *, cfg: ModelConfig, dtype,
-                 greedy: bool, filtered: bool):
+def decode_chunk(params: Params, weights: DecodeWeights, state, end_col, temperature, top_k, top_p, stop_ids, *,
+                 cfg: ModelConfig, dtype, greedy: bool, filtered: bool):
     """Decode until column ``end_col`` (exclusive) is reached or every row is done, in one program."""
     TRACES["decode_chunk"] += 1
     end_col = jnp.minimum(end_col, state["buf"].shape[1])
@@ -357,7 +278,7 @@ def decode_chunk(params: Params, state, end_col, temperature, top_k, top_p, stop
         return (s["col"] < end_col) & ~jnp.all(s["done"])
 
     def body(s):
-        return _decode_step(params, s, temperature, top_k, top_p, stop_ids, cfg, dtype, greedy, filtered)
+        return _decode_step(params, weights, s, temperature, top_k, top_p, stop_ids, cfg, dtype, greedy, filtered)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -408,22 +329,18 @@ class Generator:
                  prompt_bucket: int = 64, length_bucket: int = 128, max_batch: int = 64,
                  feature_major: bool | None = None):
         self.cfg, self.tok = cfg, tokenizer
-        # On CPU the decode step runs feature-major (feature_major_block): a transposed copy of each
-        # layer's kernels and an untied lm_head, made once here. Accelerators read either layout at
-        # full speed, so there (feature_major=None -> False) decoding uses the parameters as they are.
+        # The decode step's weight layout (DecodeWeights), chosen here and held beside the params: on CPU
+        # (feature_major=None -> True) a transposed copy of each layer's kernels and of an untied lm_head,
+        # made once; accelerators read either layout at full speed, so there decoding reads the params.
         if feature_major is None:
             feature_major = jax.default_backend() == "cpu"
         self.feature_major = bool(feature_major)
         self.params = params
-        if self.feature_major:
-            extra = {"layers_FxD": feature_major_layers(params)}
-            if "lm_head" in params:
-                extra["head_VxD"] = jnp.asarray(head_VxD(params))
-            self.params = dict(params, **extra)
+        self.weights = DecodeWeights.build(params, "out_in" if self.feature_major else "in_out")
         self.dtype = as_dtype(dtype)
         self.prompt_bucket, self.length_bucket, self.max_batch = prompt_bucket, length_bucket, max_batch
         self._caches: dict[tuple[int, int], Any] = {}
-        self.n_layers = len(params["layers"])
+        self.n_layers = sum(run_length(e) if is_stacked(e) else 1 for e in params["layers"])
 
     # -------------------------------------------------------------- tokenising
     def default_stop_ids(self) -> tuple[int, ...]:
@@ -524,8 +441,8 @@ class Generator:
         stops[:len(stop_ids)] = stop_ids
         samp = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(stops))
         static = dict(cfg=self.cfg, dtype=self.dtype, greedy=greedy, filtered=filtered)
-        state = prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), jnp.asarray(active), self._cache(B, S),
-                        jax.random.PRNGKey(seed), *samp, keep_logits=return_logits, **static)
+        state = prefill(self.params, self.weights, jnp.asarray(tokens), jnp.asarray(pad), jnp.asarray(active),
+                        self._cache(B, S), jax.random.PRNGKey(seed), *samp, keep_logits=return_logits, **static)
         end = T + max_new_tokens
         if chunk is None:
             chunk = 8 if (stop_strings or host_chunks) else max_new_tokens
@@ -535,8 +452,8 @@ class Generator:
         try:
             while True:
                 if col < end:
-                    state = decode_chunk(self.params, state, jnp.int32(min(end, col + max(chunk, 1))), *samp,
-                                         **static)
+                    state = decode_chunk(self.params, self.weights, state, jnp.int32(min(end, col + max(chunk, 1))),
+                                         *samp, **static)
                 buf, col, done = np.asarray(state["buf"]), int(state["col"]), np.asarray(state["done"])
                 gen = [self._cut_ids(buf[i, T:col], stop_ids) for i in range(n)]
                 for i in range(n):

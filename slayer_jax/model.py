@@ -1,8 +1,13 @@
-"""The Flax Llama/Mistral decoder over a plain list of layers.
+"""The Llama/Mistral decoder over a plain list of layers.
 
-One decoder block is a Flax linen module (:class:`DecoderBlock`) whose parameter dict is one
-entry of ``params["layers"]``. The decoder itself is a Python loop over that list, so any
-list length works and surgery is list editing:
+One decoder block, :func:`block`, a function of one entry of ``params["layers"]``, serves every
+mode (as MaxText's decoder layer does): its attention step is the mode ("train": the tokens among
+themselves, :func:`self_attention`; "prefill" / "decode": through a KV cache,
+:func:`slayer_jax.generate.cache_attention`), and its projections read the kernels in a weight
+layout (:func:`dense`: "in_out" as stored here, or "out_in", the transposed copy a CPU
+:class:`slayer_jax.generate.Generator` holds beside the params). One layer loop,
+:func:`run_layers`, runs the list for :func:`forward`, prefill and decode, so any list length
+works and surgery is list editing:
 
     params = {
       "embed":   {"embedding": [vocab, d]},
@@ -25,7 +30,6 @@ K kv heads, G = H // K, Dh head dim, F MLP width, V vocab.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +40,7 @@ import numpy as np
 from slayer_jax.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: F401  (re-exported)
 from slayer_jax.attention import attention, attention_mask, platform_of, resolve_backend, xla_attention
 from slayer_jax.config import ModelConfig
-from slayer_jax.layout import STACKED, is_stacked
+from slayer_jax.layout import STACKED, is_stacked, run_length
 
 Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -56,18 +60,28 @@ def num_layers(params: Params) -> int:
     return len(params["layers"])
 
 
-# ----------------------------------------------------------------------------- modules
+# ----------------------------------------------------------------------------- the block
+MODES = ("train", "prefill", "decode")  # what a block's attention step does; see block()
+KERNELS = ("in_out", "out_in")  # how a layout stores projection kernels; see dense()
+
+
+def rms_norm(x_BxTxD: jax.Array, scale_D: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    x32 = x_BxTxD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # HF casts back to the input dtype before the (weight *) multiply.
+    return scale_D.astype(dtype) * x32.astype(dtype)
+
+
 class RMSNorm(nn.Module):
+    """:func:`rms_norm` with its scale as the flax param ``scale`` (the final norm's ``.apply``)."""
+
     eps: float
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), jnp.float32)
-        x32 = x_BxTxD.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # HF casts back to the input dtype before the (weight *) multiply.
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
+        return rms_norm(x_BxTxD, scale, self.eps, self.dtype)
 
 
 def rope_cos_sin(positions_BxT: jax.Array, inv_freq: np.ndarray, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -83,68 +97,105 @@ def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Arr
 
 
 # The mask and the reference einsum attention live in slayer_jax.attention (with the kernel
-# backends); these names stay for generate.py, scoring.py and the benches.
+# backends); this name stays for the benches (bench/train_step_probe.py swaps it).
 dot_product_attention = xla_attention
 
 
-def block_qkv(cfg: ModelConfig, dt: Any, x_BxTxD, cos_BxTxDh, sin_BxTxDh):
-    """The attention half's prologue: norm, q/k/v projections, RoPE -> q [B,T,H,Dh], k and v [B,T,K,Dh].
+def dense(proj: Params, x_BxTxI: jax.Array, dtype: Any, kernels: str = "in_out") -> jax.Array:
+    """One projection ``{"kernel", "bias"?}`` of x [..., in] -> [..., out], as ``flax.linen.Dense``.
 
-    Called inside a block's compact ``__call__`` (the submodules become the block's params), so every
-    block variant (training, KV-cache decoding) shares this code and the same parameter names.
+    kernels: how the kernel is stored. "in_out": [in, out], as in params (x @ kernel). "out_in":
+    [out, in], a decode layout's transposed copy, multiplied weights first (kernel @ x^T: the
+    activations are the columns), the orientation XLA:CPU runs about twice as fast with a few rows.
     """
-    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    x, w = x_BxTxI.astype(dtype), proj["kernel"].astype(dtype)
+    if kernels == "in_out":
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+    else:
+        y = jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
+    return y + proj["bias"].astype(dtype) if "bias" in proj else y
+
+
+def block(cfg: ModelConfig, dtype: Any, layer: Params, x_BxTxD, cos_BxTxDh, sin_BxTxDh, attend, kv=None,
+          kernels: str = "in_out"):
+    """The pre-norm Llama block, x + attn(norm(x)); x + mlp(norm(x)), for every mode and layout.
+
+    layer: one entry of ``params["layers"]`` (kernels "in_out"), or the same tree with its kernels
+    stored [out, in] (kernels "out_in", see :func:`dense`). attend(q [B,T,H,Dh], k and v [B,T,K,Dh],
+    kv) -> (attention output [B, T, H*Dh], kv) is the mode: "train" attends the T tokens to
+    each other (:func:`self_attention`); "prefill" and "decode" also write k, v into ``kv``, the
+    layer's KV cache, and read it (:func:`slayer_jax.generate.cache_attention`).
+    Returns (x [B, T, D], kv).
+    """
+    H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
     B, T, _ = x_BxTxD.shape
-    dense = functools.partial(nn.Dense, dtype=dt, param_dtype=jnp.float32, use_bias=cfg.attention_bias)
-    h = RMSNorm(cfg.rms_norm_eps, dt, name="attn_norm")(x_BxTxD)
-    q = dense(H * Dh, name="q_proj")(h).reshape(B, T, H, Dh)
-    k = dense(K * Dh, name="k_proj")(h).reshape(B, T, K, Dh)
-    v = dense(K * Dh, name="v_proj")(h).reshape(B, T, K, Dh)
-    return apply_rope(q, cos_BxTxDh, sin_BxTxDh), apply_rope(k, cos_BxTxDh, sin_BxTxDh), v
+
+    def proj(name, h):
+        return dense(layer[name], h, dtype, kernels)
+
+    h = rms_norm(x_BxTxD, layer["attn_norm"]["scale"], eps, dtype)
+    q = apply_rope(proj("q_proj", h).reshape(B, T, H, Dh), cos_BxTxDh, sin_BxTxDh)
+    k = apply_rope(proj("k_proj", h).reshape(B, T, K, Dh), cos_BxTxDh, sin_BxTxDh)
+    attn_BxTxHDh, kv = attend(q, k, proj("v_proj", h).reshape(B, T, K, Dh), kv)
+    x_BxTxD = x_BxTxD + proj("o_proj", attn_BxTxHDh)
+    h = rms_norm(x_BxTxD, layer["mlp_norm"]["scale"], eps, dtype)
+    return x_BxTxD + proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)), kv
 
 
-def block_epilogue(cfg: ModelConfig, dt: Any, x_BxTxD, attn_BxTxHDh):
-    """The rest of a block after attention: o_proj residual, then norm + SwiGLU MLP residual."""
-    dense = functools.partial(nn.Dense, dtype=dt, param_dtype=jnp.float32)
-    x_BxTxD = x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(attn_BxTxHDh)
-    h = RMSNorm(cfg.rms_norm_eps, dt, name="mlp_norm")(x_BxTxD)
-    gate = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="gate_proj")(h)
-    up = dense(cfg.intermediate_size, use_bias=cfg.mlp_bias, name="up_proj")(h)
-    return x_BxTxD + dense(cfg.hidden_size, use_bias=cfg.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+def self_attention(cfg: ModelConfig, dtype: Any, mask_BxTxS, positions_BxT=None, segment_ids_BxT=None,
+                   backend: str = "xla", mesh: Any = None):
+    """The "train" mode's attend for :func:`block`: the T tokens among themselves, no cache.
 
-
-class DecoderBlock(nn.Module):
-    """Pre-norm Llama block: x + attn(norm(x)); x + mlp(norm(x)). Its params are one list entry.
-
-    attention: the :func:`slayer_jax.attention.attention` backend. "xla" (the default here) reads
-    ``mask_BxTxS``, any [B, T, S] mask; a kernel backend ("splash", "cudnn", "auto") reads
-    ``positions_BxT`` and ``segment_ids_BxT`` instead (``mask_BxTxS`` may then be None).
-    mesh: the ("data", "fsdp", "tensor") mesh the kernel runs per shard of (None: unsharded).
+    backend: the :func:`slayer_jax.attention.attention` backend. "xla" reads ``mask_BxTxS``, any
+    [B, T, S] mask; a kernel backend ("splash", "cudnn", "auto") reads ``positions_BxT`` and
+    ``segment_ids_BxT`` instead (``mask_BxTxS`` may then be None). mesh: the ("data", "fsdp",
+    "tensor") mesh the kernel runs per shard of (None: unsharded).
     """
+    def attend(q, k, v, kv):
+        if backend == "xla":
+            return dot_product_attention(q, k, v, mask_BxTxS, dtype), kv
+        return attention(q, k, v, q_pos=positions_BxT, kv_pos=positions_BxT, q_seg=segment_ids_BxT,
+                         kv_seg=segment_ids_BxT, sliding_window=cfg.sliding_window, dtype=dtype, backend=backend,
+                         mesh=mesh), kv
+    return attend
 
-    cfg: ModelConfig
-    dtype: Any = jnp.float32
-    attention: str = "xla"
-    mesh: Any = None
 
-    @nn.compact
-    def __call__(self, x_BxTxD, cos_BxTxDh, sin_BxTxDh, mask_BxTxS, positions_BxT=None, segment_ids_BxT=None):
-        q, k, v = block_qkv(self.cfg, self.dtype, x_BxTxD, cos_BxTxDh, sin_BxTxDh)
-        if self.attention == "xla":
-            attn = dot_product_attention(q, k, v, mask_BxTxS, self.dtype)
+def run_layers(layers: list, x_BxTxD, step, caches: list | None = None, collect: bool = False):
+    """The layer loop of every mode: x through each entry of ``layers`` in order.
+
+    step(layer, x, cache) -> (x, cache) runs one block; ``caches`` is one entry per layer (its KV
+    cache) or None. An entry that is a stacked run of k layers (:mod:`slayer_jax.layout`) runs as
+    ``jax.lax.scan`` of the same step (its k caches stacked for the scan).
+    Returns (x, the new caches or None, and if ``collect`` the residual states: entry l is layer
+    l's input, the last one the last layer's output).
+    """
+    hidden, new, i = [x_BxTxD], [], 0
+
+    def scan_body(x, layer_cache):
+        y, c = step(layer_cache[0], x, layer_cache[1])
+        return y, (c, y if collect else None)
+
+    for entry in layers:
+        if is_stacked(entry):
+            n = run_length(entry)
+            cs = None if caches is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *caches[i:i + n])
+            x_BxTxD, (cs, ys) = jax.lax.scan(scan_body, x_BxTxD, (entry[STACKED], cs))
+            new += [None] * n if cs is None else [jax.tree_util.tree_map(lambda a, j=j: a[j], cs) for j in range(n)]
+            hidden += [ys[j] for j in range(n)] if collect else []
         else:
-            attn = attention(q, k, v, q_pos=positions_BxT, kv_pos=positions_BxT, q_seg=segment_ids_BxT,
-                             kv_seg=segment_ids_BxT, sliding_window=self.cfg.sliding_window, dtype=self.dtype,
-                             backend=self.attention, mesh=self.mesh)
-        return block_epilogue(self.cfg, self.dtype, x_BxTxD, attn)
+            n = 1
+            x_BxTxD, c = step(entry, x_BxTxD, None if caches is None else caches[i])
+            new.append(c)
+            hidden.append(x_BxTxD)
+        i += n
+    return x_BxTxD, (new if caches is not None else None), (hidden if collect else None)
 
 
 # ----------------------------------------------------------------------------- forward
 def _block_fn(cfg: ModelConfig, dtype: Any, remat: str | None, attention: str = "xla", mesh: Any = None):
-    block = DecoderBlock(cfg, dtype, attention, mesh)
-
     def run(layer_params, x, cos, sin, mask, pos=None, seg=None):
-        return block.apply({"params": layer_params}, x, cos, sin, mask, pos, seg)
+        return block(cfg, dtype, layer_params, x, cos, sin, self_attention(cfg, dtype, mask, pos, seg, attention,
+                                                                           mesh))[0]
 
     if remat in (None, "none"):
         return run
@@ -159,8 +210,18 @@ def embed(params: Params, tokens_BxT: jax.Array, dtype: Any) -> jax.Array:
     return jnp.take(params["embed"]["embedding"], tokens_BxT, axis=0).astype(dtype)
 
 
-def unembed(params: Params, cfg: ModelConfig, x_BxTxD: jax.Array, dtype: Any) -> jax.Array:
-    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x_BxTxD)
+def unembed(params: Params, cfg: ModelConfig, x_BxTxD: jax.Array, dtype: Any, head_VxD: jax.Array | None = None
+            ) -> jax.Array:
+    """Logits [B, T, V] (float32): final norm, then the lm_head kernel or the tied embedding.
+
+    head_VxD: a decode layout's output projection [V, D] (the tied embedding, or the lm_head kernel
+    transposed once), multiplied weights first as :func:`dense` does with "out_in" kernels.
+    """
+    x = rms_norm(x_BxTxD, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+    if head_VxD is not None:
+        lg_VxBxT = jax.lax.dot_general(head_VxD.astype(dtype), x, (((1,), (2,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+        return jnp.moveaxis(lg_VxBxT, 0, -1)
     if "lm_head" in params:
         w_DxV = params["lm_head"]["kernel"].astype(dtype)
         return jnp.einsum("btd,dv->btv", x, w_DxV, preferred_element_type=jnp.float32)
@@ -216,29 +277,16 @@ def forward(
         mask = attention_mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, cfg.sliding_window)
     else:
         mask = None  # the kernels build the mask from positions (token order) and segment ids
-    block = _block_fn(cfg, dtype, remat, backend, mesh)
+    block_fn = _block_fn(cfg, dtype, remat, backend, mesh)
 
     constrain = (lambda y: y) if act_sharding is None else (
         lambda y: jax.lax.with_sharding_constraint(y, act_sharding))
 
-    def layer_step(x, layer):
-        return constrain(block(layer, x, cos, sin, mask, positions_BxT, segment_ids_BxT))
+    def step(layer, x, cache):
+        return constrain(block_fn(layer, x, cos, sin, mask, positions_BxT, segment_ids_BxT)), cache
 
-    def scan_body(x, layer):
-        y = layer_step(x, layer)
-        return y, (y if return_hidden else None)
-
-    x = constrain(embed(params, tokens_BxT, dtype))
-    hidden = [x]
-    for entry in params["layers"]:
-        if is_stacked(entry):  # a run of k frozen layers (slayer_jax.layout): one loop body, k trips
-            x, ys = jax.lax.scan(scan_body, x, entry[STACKED])
-            if return_hidden:
-                hidden.extend(ys[i] for i in range(ys.shape[0]))
-        else:
-            x = layer_step(x, entry)
-            if return_hidden:
-                hidden.append(x)
+    x, _, hidden = run_layers(params["layers"], constrain(embed(params, tokens_BxT, dtype)), step,
+                              collect=return_hidden)
     if final_hidden:  # the last layer's output, before the final norm: for a loss that never forms [B, T, V]
         return x
     logits = unembed(params, cfg, x, dtype)

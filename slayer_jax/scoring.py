@@ -45,7 +45,7 @@ import numpy as np
 
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import DecoderBlock, Params, as_dtype, attention_mask, embed, rope_cos_sin, unembed
+from slayer_jax.model import Params, as_dtype, attention_mask, block, embed, rope_cos_sin, self_attention, unembed
 from slayer_jax import surgery
 from slayer_jax.loss import target_logprobs
 
@@ -347,11 +347,11 @@ def run_slots(rest: Params, stacked: Params, a_S, b_S, gate_S, tokens_BxT, pos_B
     """Embed, scan the slots, return the final residual state (and every state if ``collect``)."""
     cos, sin = rope_cos_sin(pos_BxT, cfg.rope_inv_freq(), dtype)
     mask = tree_mask(pos_BxT, seg_BxT, branch_BxT, cfg.sliding_window)
-    block = DecoderBlock(cfg, dtype)
+    attend = self_attention(cfg, dtype, mask)
 
     def body(x, slot):
         a, b, g = slot
-        y = block.apply({"params": _slot_layer(stacked, a, b, g)}, x, cos, sin, mask)
+        y, _ = block(cfg, dtype, _slot_layer(stacked, a, b, g), x, cos, sin, attend)
         return y, (y if collect else None)
 
     x0 = embed(rest, tokens_BxT, dtype)

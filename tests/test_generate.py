@@ -1,16 +1,21 @@
 """KV-cache decoding against full re-forwarding, sampling, stops, buckets, streaming; SmolLM2 vs transformers."""
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_hf import make_hf_model
 
-from slayer_jax.generate import TRACES, Generator, greedy_reforward, sample_logits
+from slayer_jax.generate import (
+    TRACES,
+    DecodeWeights,
+    Generator,
+    greedy_reforward,
+    sample_logits,
+)
 from slayer_jax.io.hf import load_hf
-from slayer_jax.model import forward
+from slayer_jax.layout import is_stacked, to_scan_layout
+from slayer_jax.model import block, forward, self_attention
 
 TOL = 1e-4
 _fwd = jax.jit(forward, static_argnums=2)
@@ -54,6 +59,41 @@ def test_kv_cache_equals_reforward(variant, feature_major, tmp_path):
         assert (top2[:, 1] - top2[:, 0]).min() > 10 * TOL  # the greedy choices below are not float noise
         assert o.tokens == ref.argmax(-1).tolist()
         assert o.tokens == greedy_reforward(params, cfg, p, 14, bucket=32)  # the no-cache decoder
+
+
+def test_decode_layout_is_held_beside_the_params(tmp_path):
+    """The CPU layout ("out_in": transposed kernels, weights-first matmuls) is built beside the params,
+    which the Generator leaves as they are; one block gives the same output in both layouts."""
+    params, cfg = _load("rope_linear_biases", tmp_path)  # untied head, biases
+    keys = {k: sorted(v) if isinstance(v, dict) else len(v) for k, v in params.items()}
+    gen = Generator(params, cfg, feature_major=True)
+    assert gen.params is params and {k: sorted(v) if isinstance(v, dict) else len(v) for k, v in params.items()} == keys
+    w = gen.weights
+    assert w.kernels == "out_in" and DecodeWeights.build(params, "in_out").layers is params["layers"]
+    assert np.array_equal(w.head_VxD, np.asarray(params["lm_head"]["kernel"]).T)
+    for lw, lp in zip(w.layers, params["layers"]):
+        assert lw["attn_norm"]["scale"] is lp["attn_norm"]["scale"] and lw["q_proj"]["bias"] is lp["q_proj"]["bias"]
+        assert np.array_equal(lw["down_proj"]["kernel"], np.asarray(lp["down_proj"]["kernel"]).T)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.hidden_size))
+    cos, sin = jnp.ones((2, 5, cfg.head_dim)), jnp.zeros((2, 5, cfg.head_dim))
+    attend = self_attention(cfg, jnp.float32, jnp.tril(jnp.ones((2, 5, 5), bool)))
+    y_in, _ = block(cfg, jnp.float32, params["layers"][0], x, cos, sin, attend)
+    y_out, _ = block(cfg, jnp.float32, w.layers[0], x, cos, sin, attend, kernels="out_in")
+    assert np.abs(np.asarray(y_in) - np.asarray(y_out)).max() < 1e-5
+
+
+@pytest.mark.parametrize("feature_major", [True, False], ids=["feature_major", "token_major"])
+def test_stacked_layers_decode_like_the_list(feature_major, tmp_path):
+    """The one layer loop runs a stacked run of layers (the scan layout) in prefill and decode too."""
+    params, cfg = _load("gqa_kv1", tmp_path)
+    stacked = to_scan_layout(params)
+    assert any(is_stacked(e) for e in stacked["layers"])
+    prompts = [[5, 9, 13], [7, 3, 21, 40, 2, 8]]
+    kw = {"prompt_bucket": 16, "length_bucket": 32, "feature_major": feature_major}
+    want = Generator(params, cfg, **kw).generate_ids(prompts, 6, stop_ids=(), return_logits=True)
+    got = Generator(stacked, cfg, **kw).generate_ids(prompts, 6, stop_ids=(), return_logits=True)
+    for w, g in zip(want, got):
+        assert g.tokens == w.tokens and np.abs(g.logits - w.logits).max() < TOL
 
 
 def test_batch_equals_single_and_buckets_do_not_recompile(tmp_path):
@@ -189,10 +229,9 @@ def test_chat_template_and_cli(tok_model, capsys):
     assert ids == list(tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False))
     from slayer_jax.errors import SlayerError
-    from slayer_jax.evaluate import add_cli
+    from slayer_jax.cli import build_parser
 
-    p = argparse.ArgumentParser()
-    add_cli(p.add_subparsers(dest="cmd"))
+    p = build_parser()
     a = p.parse_args(["generate", str(d), "--prompt", "Question: What is 2 plus 3?", "--max-new-tokens", "6"])
     assert a.fn(a) == 0
     out = capsys.readouterr()
