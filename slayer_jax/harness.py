@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slayer_jax.errors import SlayerError
+from slayer_jax.loglik import prefix_token_id, rolling_windows, score_requests
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -75,7 +76,6 @@ class SlayerLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        from slayer_jax.evaluate import prefix_token_id
 
         return prefix_token_id(self.tokenizer)
 
@@ -113,7 +113,6 @@ class SlayerLM(TemplateLM):
 
     # ------------------------------------------------------------------ requests
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        from slayer_jax.evaluate import score_requests
 
         res = score_requests(self.params, self.cfg, [(c, x) for _, c, x in requests], max_length=self.max_length,
                              token_budget=self.token_budget, dtype=self.dtype, progress=not disable_tqdm)
@@ -123,7 +122,6 @@ class SlayerLM(TemplateLM):
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from slayer_jax.evaluate import rolling_windows, score_requests
 
         reqs, owner = [], []
         for i, (string,) in enumerate([r.args for r in requests]):

@@ -27,7 +27,6 @@ Each sweep kind compiles once: the variant is data (a slot index/gate vector han
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
@@ -506,54 +505,6 @@ def write_outputs(profile: dict[str, Any], out_dir: str | Path, plan=None, reaso
     return paths
 
 
-# ----------------------------------------------------------------------------- CLI
-def _positive(name: str, v: int | None) -> None:
-    if v is not None and v <= 0:
-        raise SlayerError(f"{name}: {v}; expected a positive integer")
-
-
-def cmd_importance(a: argparse.Namespace) -> int:
-    from slayer_jax.io import load_any
-
-    for name in ("seq_len", "batch_size", "windows", "mcq_limit", "max_block"):
-        _positive(f"--{name.replace('_', '-')}", getattr(a, name))
-    if a.seq_len < 8:
-        raise SlayerError(f"--seq-len: {a.seq_len}; expected at least 8")
-    sweeps = [] if a.sweeps in ("", "none") else [s.strip() for s in a.sweeps.split(",")]
-    bad = [s for s in sweeps if s not in SWEEPS]
-    if bad:
-        raise SlayerError(f"--sweeps: {bad[0]!r}; expected a comma-separated subset of {list(SWEEPS)} or 'none'")
-    text_src = str(scoring.SAMPLE_TEXT if a.text == "sample" else a.text)
-    mcq_src = str(scoring.SAMPLE_MCQ if a.mcq == "sample" else a.mcq)
-    docs = scoring.load_text(a.text)
-    questions = scoring.load_mcq(a.mcq)
-    params, cfg, tok = load_any(a.model)
-    if tok is None:
-        raise SlayerError(f"{a.model}: no tokenizer; expected tokenizer files beside the weights")
-    es = scoring.build_evalset(tok, docs, questions, a.seq_len, a.windows, a.mcq_limit, a.batch_size,
-                               text_source=text_src, mcq_source=mcq_src)
-    L = len(params["layers"])
-    d = es.describe()
-    print(f"model {a.model}: {L} layers; text {d['text_windows']} windows x {a.seq_len} tokens; "
-          f"{d['mcq_questions']} questions ({d['mcq_choices']} choices); {d['rows']} packed rows",
-          file=sys.stderr)
-    profile = run_importance(params, es, cfg, sweeps=sweeps, init=a.expand_init, max_block=a.max_block,
-                             dtype=a.dtype, progress=not a.no_progress)
-    profile["model"] = str(a.model)
-    profile["data"] = {"text": text_src, "mcq": mcq_src}
-    metric = a.plan_metric or ("removal_nll" if "removal" in sweeps else "angular_mean")
-    plan, reasoning = recommend_plan(profile, metric, a.plan_expand, a.plan_prune, a.plan_region)
-    title = Path(str(a.model)).name if a.model != "default" else "SmolLM2-135M-Instruct"
-    paths = write_outputs(profile, a.out, plan, reasoning, plots=not a.no_plots, title=title)
-    b = profile["baseline"]
-    print("intact: " + ", ".join(f"{k} {v:.4g}" for k, v in b.items()))
-    print(format_table(profile))
-    print(f"plan: expand after {list(plan.expand_after)}, prune {list(plan.prune)} ({metric})")
-    for p in paths:
-        print(f"wrote {p}")
-    return 0
-
-
 def format_table(profile: dict[str, Any]) -> str:
     rows = profile["layers"]
     cols = [c for c in ("angular_last", "angular_mean", "bi", "removal_ppl", "removal_acc", "expansion_ppl",
@@ -562,56 +513,3 @@ def format_table(profile: dict[str, Any]) -> str:
     for r in rows:
         lines.append(f"{r['layer']:>5} " + " ".join(f"{r[c]:>13.4g}" for c in cols))
     return "\n".join(lines)
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``slayer importance`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "importance", help="per-layer angular distance, Block Influence, removal/expansion sweeps, plots, plan",
-        description="Layer importance of MODEL: angular distance and Block Influence from each layer's input and "
-                    "output, removal and expansion sweeps (text perplexity, multiple-choice accuracy), "
-                    "importance.csv/json, PNG plots and a recommended surgery plan.")
-    p.add_argument("model", help="HF model dir, .gguf file, slayer checkpoint, or 'default'")
-    p.add_argument("--text", default="sample",
-                   help="text set: .txt (one document) or .jsonl with a 'text' field; 'sample' = shipped sample")
-    p.add_argument("--mcq", default="sample",
-                   help="multiple-choice JSONL {question, choices, answer}; 'sample' = shipped sample")
-    p.add_argument("--out", default="importance", help="output directory (default: ./importance)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per text window and per packed row")
-    p.add_argument("--windows", type=int, default=None, help="at most this many text windows (default: all)")
-    p.add_argument("--mcq-limit", type=int, default=None, help="at most this many questions (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="packed rows per forward call")
-    p.add_argument("--sweeps", default="removal,expansion",
-                   help="comma-separated subset of removal,expansion, or 'none'")
-    p.add_argument("--expand-init", choices=("copy", "average"), default="copy",
-                   help="the extra block of the expansion sweep: copy of layer l, or average of l and l+1")
-    p.add_argument("--max-block", type=int, default=None, help="largest block size n of the block matrix "
-                   "(default: all layers)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--plan-metric", choices=PLAN_METRICS, default=None,
-                   help="importance used for the recommended plan (default: removal_nll)")
-    p.add_argument("--plan-expand", type=int, default=None, help="new blocks in the plan (default round(L/4))")
-    p.add_argument("--plan-prune", type=int, default=None, help="deep layers pruned (default round(L/16))")
-    p.add_argument("--plan-region", choices=("first_half", "all"), default="first_half")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(fn=cmd_importance)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m slayer_jax.importance ...`` (the same as ``slayer importance ...``)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="slayer")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_cli(sub)
-    args = parser.parse_args(["importance", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.fn(args) or 0)
-    except SlayerError as e:
-        print(f"slayer: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,8 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
+from slayer_jax import data as D
 from slayer_jax.assets import _sha256  # one file hash for the project
+from slayer_jax.data import PackStats, separator_id
 from slayer_jax.errors import SlayerError
+from slayer_jax.storage import staging_path
 
 FORMAT = "slayer-prepared-rows"
 FORMAT_VERSION = 1
@@ -229,7 +232,6 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     import grain
 
     from slayer_jax import __version__, storage
-    from slayer_jax import data as D
 
     if storage.is_remote(out):  # gs://: written locally, then uploaded (array_record writes local files)
         import tempfile
@@ -266,9 +268,7 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     vocab = max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
     wide = vocab > 65536
     sep_id = None if mode == "sft" else D.separator_id(tokenizer, separator)  # a bad separator fails before any work
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_path(out)
     try:
         (tmp / "_pieces").mkdir(parents=True)
         # (1) the one tokenisation, streamed into piece shards
@@ -339,7 +339,7 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():  # --overwrite: swap, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = staging_path(out, "old")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
@@ -415,7 +415,6 @@ class PreparedCorpus:
         self.stats = self._stats()
 
     def _stats(self):
-        from slayer_jax.data import PackStats
 
         fields = {f.name for f in dataclasses.fields(PackStats)}
         return PackStats(seq_len=self.seq_len, **{k: int(v) for k, v in self.manifest["counts"].items()
@@ -448,7 +447,6 @@ class PreparedCorpus:
 
     def check(self, tokenizer, *, seq_len: int, mode: str, separator) -> None:
         """One-line SlayerError unless this corpus was prepared for this tokenizer and these settings."""
-        from slayer_jax.data import separator_id
 
         m, where = self.manifest, self.path / MANIFEST
         if self.seq_len != int(seq_len):

@@ -21,6 +21,7 @@ for tensorstore; see ``tests/gcs_emulator.py``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -30,6 +31,57 @@ from typing import Any
 from etils import epath
 
 GS = "gs://"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The project's one local cache: ``cache_dir``, else ``$SLAYER_CACHE``, else ``~/.cache/slayer_jax``."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("SLAYER_CACHE") or Path.home() / ".cache" / "slayer_jax"
+    return Path(cache_dir).expanduser()
+
+
+# ----------------------------------------------------------------------------- staging beside a target
+_HOST = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:40] or "host"
+_STAGED = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old|part)-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove what writers to ``target`` that died left beside it (``.NAME.tmp|old|part-HOST-PID``):
+    only this host's, and only of processes that no longer run, never a live writer's (a shared
+    filesystem's other hosts keep theirs). Returns what was removed."""
+    target = Path(target)
+    removed = []
+    try:
+        siblings = list(target.parent.iterdir()) if target.parent.is_dir() else []
+    except OSError:
+        return removed
+    for p in siblings:
+        m = _STAGED.match(p.name)
+        if m and m["name"] == target.name and m["host"] == _HOST and not _alive(int(m["pid"])):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def staging_path(target: str | os.PathLike, tag: str = "tmp") -> Path:
+    """Where a write to the local path ``target`` stages before its rename (``tag``: tmp, old or
+    part), beside it on the same filesystem; stale ones of dead writers are removed first."""
+    target = Path(target)
+    remove_stale_staging(target)
+    return target.parent / f".{target.name}.{tag}-{_HOST}-{os.getpid()}"
 
 
 def _str(p: str | os.PathLike) -> str:
@@ -361,8 +413,6 @@ def cached_copy(url: str) -> Path:
     from slayer_jax.errors import SlayerError
 
     url = _url(url)
-    from slayer_jax.assets import cache_root
-
     cache = cache_root() / "remote"  # the project's one cache root ($SLAYER_CACHE)
     local = cache / url.split("://", 1)[1].strip("/")
     fs, root = fsspec.core.url_to_fs(url)
@@ -388,7 +438,7 @@ def cached_copy(url: str) -> Path:
             have = None
         if have != listing:
             if single:
-                staged = local.parent / f".{local.name}.part-{os.getpid()}"
+                staged = staging_path(local, "part")
                 fs.get(root, str(staged))
                 os.replace(staged, local)
             else:

@@ -403,6 +403,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     from tqdm.auto import tqdm
 
     from slayer_jax import data as data_lib
+    from slayer_jax.training_data import open_training_data
     from slayer_jax import multihost, storage, surgery
     from slayer_jax.checkpoint import TrainCheckpointer, tree_hash
     from slayer_jax.errors import SlayerError
@@ -454,7 +455,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     global_rows = int(c.batch_size)
     b_sh = batch_sharding(mesh)  # = the step program's batch sharding
     epochs = float(c.get("epochs", 0) or 0)
-    loader, data_info = data_lib.open_training_data(
+    loader, data_info = open_training_data(
         c.data, tok, seed=int(c.seed), batch_size=global_rows, process_index=0, process_count=1,
         count_rows=epochs > 0, progress=is_main, local_rows=multihost.local_rows(b_sh, global_rows))
     steps = data_info.steps(epochs=epochs, steps=int(c.steps), global_batch=global_rows)

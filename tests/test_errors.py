@@ -1,6 +1,7 @@
 """Bad input: one clear line naming the file and field, exit code 2, nothing written at OUT."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -171,3 +172,25 @@ def test_export_interrupted_leaves_nothing(good_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         hf_io.save_hf(params, cfg, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("to", ["hf", "checkpoint"])
+def test_a_dead_writers_staging_is_removed_a_live_ones_kept(good_dir, tmp_path, to):
+    """A convert killed mid-write leaves `.OUT.tmp-HOST-PID`; the next write to OUT removes it (and
+    a dead swap's `.old-`), but never a live process's, nor another host's."""
+    from slayer_jax import storage
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    host = storage._HOST
+    stale = [tmp_path / f".out.tmp-{host}-{dead.pid}", tmp_path / f".out.old-{host}-{dead.pid}"]
+    kept = [tmp_path / f".out.tmp-{host}-{os.getppid()}",
+            tmp_path / f".out.tmp-otherhost-{dead.pid}", tmp_path / f".other.tmp-{host}-{dead.pid}"]
+    for d in stale + kept:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half a tensor")
+    assert main(["convert", str(good_dir), str(out), "--to", to]) == 0
+    assert not any(d.exists() for d in stale)
+    assert all(d.exists() for d in kept)  # a live writer (our parent), another host's, another target's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [d.name for d in kept])

@@ -1,6 +1,5 @@
 """Scoring against transformers, lm-eval's conventions, pass@k, HumanEval through the sandbox, result files."""
 
-import argparse
 import json
 import math
 
@@ -11,6 +10,7 @@ from hypothesis import strategies as st
 from tiny_hf import make_hf_model
 
 from slayer_jax import evaluate as ev
+from slayer_jax.cli import build_parser
 from slayer_jax.errors import SlayerError
 from slayer_jax.io.hf import load_hf
 
@@ -191,8 +191,7 @@ def exported(tmp_path_factory):
 def test_eval_cli_writes_json_and_compare_orders_roles(exported, tmp_path, capsys):
     from tiny_tok import TASKS_DIR
 
-    p = argparse.ArgumentParser()
-    ev.add_cli(p.add_subparsers(dest="cmd"))
+    p = build_parser()
     outs = []
     for role in ("trained", "base"):
         out = tmp_path / f"{role}.json"
@@ -217,8 +216,7 @@ def test_eval_cli_writes_json_and_compare_orders_roles(exported, tmp_path, capsy
 
 
 def test_cli_bad_input(tmp_path):
-    p = argparse.ArgumentParser()
-    ev.add_cli(p.add_subparsers(dest="cmd"))
+    p = build_parser()
     a = p.parse_args(["eval", "x", "--tasks", "ppl,bogus"])
     with pytest.raises(SlayerError, match="unknown task 'bogus'"):
         a.fn(a)

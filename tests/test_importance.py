@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from slayer_jax import importance, scoring, surgery
+from slayer_jax.cli import main as cli_main
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
 from slayer_jax.model import forward, init_params
@@ -341,7 +342,7 @@ def test_cli_writes_profile_plots_and_a_plan_surgery_accepts(tiny_dir, tmp_path,
     from slayer_jax import cli
 
     out = tmp_path / "imp"
-    rc = importance.main([str(tiny_dir), "--out", str(out), "--seq-len", "64", "--windows", "3", "--mcq-limit", "6",
+    rc = cli_main(["importance", str(tiny_dir), "--out", str(out), "--seq-len", "64", "--windows", "3", "--mcq-limit", "6",
                           "--batch-size", "4", "--no-progress", "--plan-expand", "2", "--plan-prune", "1"])
     assert rc == 0
     lines = (out / "importance.csv").read_text().splitlines()
@@ -365,11 +366,11 @@ def test_cli_writes_profile_plots_and_a_plan_surgery_accepts(tiny_dir, tmp_path,
 def test_cli_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?", "choices": ["a", "b", "c"], "answer": 3}\n')
-    rc = importance.main([str(tiny_dir), "--mcq", str(bad), "--out", str(tmp_path / "o")])
+    rc = cli_main(["importance", str(tiny_dir), "--mcq", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert str(bad) in err[0] and "'answer'" in err[0] and "0..2" in err[0]
-    rc = importance.main([str(tiny_dir), "--sweeps", "removal,grow", "--out", str(tmp_path / "o")])
+    rc = cli_main(["importance", str(tiny_dir), "--sweeps", "removal,grow", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--sweeps" in capsys.readouterr().err
 
 
@@ -380,7 +381,7 @@ def test_smollm2_removal_profile(smollm2_dir, tmp_path):
     exist for all 30 layers, the sweep compiles once, and removing layer 0 (embedding-adjacent) hurts
     perplexity far more than removing a typical middle layer."""
     out = tmp_path / "smol"
-    rc = importance.main([str(smollm2_dir), "--out", str(out), "--seq-len", "40", "--windows", "2",
+    rc = cli_main(["importance", str(smollm2_dir), "--out", str(out), "--seq-len", "40", "--windows", "2",
                           "--mcq-limit", "3", "--batch-size", "4", "--sweeps", "removal", "--no-progress"])
     assert rc == 0
     doc = json.loads((out / "importance.json").read_text())

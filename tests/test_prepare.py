@@ -20,6 +20,7 @@ from slayer_jax import data as D
 from slayer_jax import prepare as P
 from slayer_jax.cli import main
 from slayer_jax.errors import SlayerError
+from slayer_jax.training_data import open_training_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import CHAT, CHATML
@@ -294,21 +295,21 @@ def cdata(source, **kw):
 
 def test_open_training_data(env):
     tok = env["tok"]
-    loader, info = D.open_training_data(cdata(f"{env['A']}@1.0;{env['B']}@1.5"), tok, seed=0, batch_size=4,
-                                        process_index=0, process_count=2)
+    loader, info = open_training_data(cdata(f"{env['A']}@1.0;{env['B']}@1.5"), tok, seed=0, batch_size=4,
+                                      process_index=0, process_count=2)
     ma, mb = P.read_manifest(env["A"]), P.read_manifest(env["B"])
     assert info.kind == "prepared" and info.rows_per_epoch == ma["counts"]["rows"] + mb["counts"]["rows"]
     assert info.stats.tokens == ma["counts"]["tokens"] + mb["counts"]["tokens"] and info.stats.seq_len == T
     assert info.separator == ma["separator_id"] and [c["weight"] for c in info.components] == [1.0, 1.5]
     assert next(loader)["inputs"].shape == (4, T)
     assert info.steps(epochs=2, steps=7, global_batch=8) == -(-2 * info.rows_per_epoch // 8)
-    _, raw = D.open_training_data(cdata(env["a"]), tok, seed=0, batch_size=4, process_index=0, process_count=1,
-                                  count_rows=True)
+    _, raw = open_training_data(cdata(env["a"]), tok, seed=0, batch_size=4, process_index=0, process_count=1,
+                                count_rows=True)
     assert raw.kind == "in-memory" and raw.rows_per_epoch > 0 and raw.stats.tokens == ma["counts"]["tokens"]
     for c, want in ((cdata(env["A"], seq_len=32), "field 'seq_len' is 64; data.seq_len is 32"),
                     (cdata(env["A"], separator="none"), "field 'separator_id' is"),
                     (cdata(f"{env['A']};{env['a']}"), "is not a prepared directory but other components are"),
                     (cdata(f"{env['A']}@0"), "positive weight")):
         with pytest.raises(SlayerError, match=want.replace("(", r"\(").replace(")", r"\)")) as ei:
-            D.open_training_data(c, tok, seed=0, batch_size=4, process_index=0, process_count=1)
+            open_training_data(c, tok, seed=0, batch_size=4, process_index=0, process_count=1)
         assert "\n" not in str(ei.value)

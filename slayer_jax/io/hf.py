@@ -27,6 +27,7 @@ from slayer_jax.config import ModelConfig, load_config
 from slayer_jax.errors import SlayerError
 from slayer_jax.io.safetensors_stream import SafetensorsFile, write_safetensors
 from slayer_jax.model import Params, as_dtype
+from slayer_jax.storage import staging_path
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -337,9 +338,7 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
 def _write_hf_dir(out_dir: Path, names, shards, specs, get, bar, cfg: ModelConfig, n_layers: int,
                   extra_config: dict | None, tokenizer: Any) -> None:
     """Process 0's part of :func:`save_hf`: the files, into a temporary directory renamed into place."""
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_path(out_dir)
     tmp.mkdir(parents=True)
     try:
         total = 0
@@ -362,7 +361,7 @@ def _write_hf_dir(out_dir: Path, names, shards, specs, get, bar, cfg: ModelConfi
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            old = staging_path(out_dir, "old")
             out_dir.rename(old)
             tmp.rename(out_dir)
             shutil.rmtree(old)
