@@ -10,11 +10,19 @@ call): its FLOPs and `optimal_seconds` are the same at sequence 4096 and 8192 fo
 per step. The last column therefore adds the attention FLOPs of the model count (the masked step's
 work, causal not halved) to `optimal_seconds` at the chip's peak: a bound that still assumes the
 kernel runs at peak, so that MFU remains an upper bound, but no longer leaves attention out.
-Where the compiler's FLOPs per chip are below the model's own FLOPs outside attention (seen on
-16-chip slices), its count misses work and no MFU is printed from it.
+Where the compiler's FLOPs per chip are below the model's own FLOPs outside attention (seen on v5e,
+v6e and v5p-32 slices), its count misses work and no MFU is printed from it.
 
     python bench/tpu_plan_table.py [--recipes slayer_llama2_7b,...] [--devices v5p-8,...]
                                    [--layers N] [--seq-len 4096] [--json out.json]
+                                   [--estimate] [--xla-dump DIR]
+    python bench/tpu_plan_table.py --peak DIR/RECIPE_DEVICE   # what is live at the compiler's peak
+
+``--estimate`` prints ``slayer plan``'s quick analytic estimate (each term) beside each row;
+``--xla-dump DIR`` (one recipe and device per run) has the TPU compiler write its optimized HLO,
+buffer assignment and live ranges to DIR/RECIPE_DEVICE, which ``--peak`` reads: the values live at the compiler's peak, grouped by
+the jax operation that made them, and the collective-matmul output buffers (``AllocateBuffer``)
+among them.
 
 Needs libtpu (`pip install -e '.[tpu]'`).
 """
@@ -42,7 +50,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--override", action="append", default=[], help="extra --config.key=value")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--estimate", action="store_true", help="print the quick analytic estimate's terms too")
+    ap.add_argument("--xla-dump", default=None, help="dump the compiler's buffer assignment here")
+    ap.add_argument("--peak", default=None, help="only report the peak of a --xla-dump directory")
     a = ap.parse_args()
+    if a.peak:
+        print(peak_report(a.peak))
+        return
+    if a.xla_dump:  # XLA reads its flags once per process: one recipe and one device per run
+        if "," in a.recipes + a.devices:
+            ap.error("--xla-dump: one recipe and one device per run")
+        os.environ["XLA_FLAGS"] = (f"--xla_dump_to={Path(a.xla_dump) / f'{a.recipes}_{a.devices}'} "
+                                   "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
 
     from slayer_jax.aot import accelerator, compile_plan
     from slayer_jax.configs import load_config_file
@@ -55,6 +74,13 @@ def main() -> None:
         for device in a.devices.split(","):
             c = load_config_file(REPO / "configs" / f"{recipe}.py",
                                  [f"--config.data.seq_len={a.seq_len}", *a.override])
+            if a.estimate:
+                from slayer_jax.aot import plan_memory
+
+                est = plan_memory(c, None, device, num_layers=a.layers)
+                print(f"<!-- estimate {recipe} {device}: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est["bytes"].items())
+                      + (f"; collective-matmul bound {est['collective_matmul_bound'] / 2**30:.2f}"
+                         if "collective_matmul_bound" in est else "") + " GiB -->", flush=True)
             t0 = time.perf_counter()
             try:
                 info = compile_plan(c, None, device, num_layers=a.layers, target="tpu")
@@ -67,7 +93,7 @@ def main() -> None:
             attn = attention_flops_per_device(c, info, a.layers)
             mfu_attn = None
             # the compiler must see at least the model's work outside attention; where it counts
-            # less (seen on 16-chip slices), its FLOPs and optimal_seconds miss work: no MFU from them
+            # less (seen on v5e, v6e, v5p-32), its FLOPs and optimal_seconds miss work: no MFU from them
             seen = info["model_flops_per_device"]["masked"] - attn["masked"]
             if info["flops_per_device"] < seen:
                 info["flops_below_model"] = {"compiler": info["flops_per_device"], "model_without_attention": seen}
@@ -103,6 +129,41 @@ def attention_flops_per_device(c, info: dict, num_layers: int | None = None) -> 
     T, tokens = int(c.data.seq_len), int(c.batch_size) * int(c.data.seq_len) / info["num_devices"]
     with_attn, without = flops_per_token(cfg, len(lmap), T, *args), flops_per_token(cfg, len(lmap), 0, *args)
     return {k: (with_attn[k] - without[k]) * tokens for k in with_attn}
+
+
+def peak_report(dump_dir: str, top: int = 25) -> str:
+    """The values live at the TPU compiler's peak (from a --xla-dump directory), grouped by the jax
+    operation that made them (HLO metadata op_name) and shape; AllocateBuffer custom calls are the
+    output buffers of the compiler's collective matmuls (windowed einsums)."""
+    import collections
+    import re
+
+    d = Path(dump_dir)
+    live = next(d.glob("*train_step*after_optimizations-live-range.txt")).read_text()
+    hlo = next(d.glob("*train_step*after_optimizations.txt")).read_text()
+    peak = live.split("(peak):")[1].split("Stack trace breakdown")[0]
+    alloc = set(re.findall(r"%(custom-call\.\d+) = \S+ custom-call\(\), custom_call_target=\"AllocateBuffer\"", hlo))
+    meta = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(
+        r"^\s+(?:ROOT )?%(\S+) = (\S+?)(?:\{[^ ]*)? .*?op_name=\"([^\"]+)\"", hlo, re.MULTILINE)}
+    shapes = dict(re.findall(r"^\s+(?:ROOT )?%(\S+) = (\S+?)(?:\{[^ ]*)? ", hlo, re.MULTILINE))
+    size, count = collections.Counter(), collections.Counter()
+    total = in_alloc = 0
+    for name, n in re.findall(r"^\s+(\S+)\{[^}]*\}: (\d+) bytes", peak, re.MULTILINE):
+        shape, op = meta.get(name, (shapes.get(name, "?"), name.split(".")[0]))
+        key = f"{shape} {op.replace('jit(train_step)/while/body/closed_call/', '')[-100:]}"
+        if name in alloc:
+            key, in_alloc = key + " [collective-matmul output buffer]", in_alloc + int(n)
+        size[key] += int(n)
+        count[key] += 1
+        total += int(n)
+    gib = 2**30
+    head = (f"{d.name}: live at the compiler's peak {total / gib:.2f} GiB, of which collective-matmul output buffers "
+            f"{in_alloc / gib:.2f} GiB; windowed einsums in the program: "
+            f"{hlo.count('condition=%wide.windowed_dot_general_cond_ag')} all-gather, "
+            f"{hlo.count('condition=%wide.windowed_dot_general_cond_rs')} reduce-scatter")
+    lines = [head]
+    lines += [f"  {count[k]:4d} x  {b / gib:6.3f} GiB  {k}" for k, b in size.most_common(top)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

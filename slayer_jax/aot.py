@@ -265,7 +265,25 @@ def plan_memory(c, mesh_spec: str, device: str, num_layers: int | None = None) -
                              "rows_per_device": rows, "grad_accum": accum}
     out["bytes"]["total"] = sum(out["bytes"].values())
     out["fits"] = out["bytes"]["total"] <= out["hbm_per_device"]
+    if shape["fsdp"] > 1 and acc["kind"] == "tpu":
+        out["collective_matmul_bound"] = collective_matmul_bytes(cfg, lmap, rows, int(c.data.seq_len), compute_bytes,
+                                                                 shape["tensor"])
+        out["fits_with_collective_matmuls"] = out["bytes"]["total"] + out["collective_matmul_bound"] <= acc["hbm"]
     return out
+
+
+def collective_matmul_bytes(cfg: ModelConfig, lmap: list, rows: int, seq_len: int, compute_bytes: int,
+                            tensor: int) -> int:
+    """What the TPU compiler adds, per device, when it turns the FSDP all-gather + matmul of every
+    layer's input-side projections (q, k, v, gate, up) into collective matmuls (XLA's windowed
+    einsum): it allocates each such matmul's output buffer (``AllocateBuffer``) at the start of
+    the forward pass, so one [tokens, q + k + v + 2 x intermediate] buffer per layer is live at
+    once. Not in the estimate's total: whether the compiler does this is its own cost-model
+    decision per target (seen on a v5litepod-16, where the compiler's peak was the estimate plus
+    this term, 36 of the 38 layers' worth; not on a v5p-8, which uses no windowed einsum). A bound:
+    one buffer set per layer."""
+    width = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim + 2 * cfg.intermediate_size
+    return len(lmap) * rows * seq_len * width * compute_bytes // tensor
 
 
 def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None = None,
@@ -384,4 +402,10 @@ def format_plan(report: dict[str, Any]) -> str:
     for k in [k for k in b if k != "total"] + ["total"]:
         lines.append(f"  {k:<26}{gb(b[k])}")
     lines.append(f"  {'HBM':<26}{gb(report['hbm_per_device'])}  -> {'fits' if report['fits'] else 'DOES NOT FIT'}")
+    if "collective_matmul_bound" in report:
+        cm = report["collective_matmul_bound"]
+        lines.append(f"  {'+ collective matmuls':<26}{gb(cm)}  (at most, where the TPU compiler makes every layer's "
+                     f"FSDP matmuls windowed einsums, as on v5e: total {gb(b['total'] + cm).strip()} -> "
+                     + ("fits either way)" if report["fits_with_collective_matmuls"] else
+                        "MAY NOT FIT: only the TPU compile can tell)" if report["fits"] else "does not fit either)"))
     return "\n".join(lines)

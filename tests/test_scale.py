@@ -84,6 +84,23 @@ def test_plan_llama2_7b_memory_table_is_the_sum_of_shards():
     assert full["bytes"]["optimizer"] > 4 * r["bytes"]["optimizer"]
 
 
+def test_the_plan_names_what_collective_matmuls_can_add():
+    """The TPU compiler's collective matmuls (windowed einsums over FSDP all-gathers, seen on v5e)
+    keep one [tokens, q + k + v + 2 x intermediate] output buffer per layer live at once: the plan
+    prints that bound beside its total. With it the Llama-2-7B S strategy may not fit a v5e-8 (the
+    compiler refuses it: CompileTimeHbmOom); a v5p-8 fits either way; without FSDP there is none."""
+    from slayer_jax.aot import format_plan, plan_memory
+
+    c = load_config_file(REPO / "configs" / "slayer_llama2_7b.py")
+    v5e = plan_memory(c, None, "v5litepod-8")
+    tokens = 1024 // 8 // 64 * 4096  # rows per chip per microbatch x sequence
+    assert v5e["collective_matmul_bound"] == 38 * tokens * (3 * 4096 + 2 * 11008) * 2
+    assert v5e["fits"] and not v5e["fits_with_collective_matmuls"]
+    assert "MAY NOT FIT" in format_plan(v5e)
+    assert plan_memory(c, None, "v5p-8")["fits_with_collective_matmuls"]
+    assert "collective_matmul_bound" not in plan_memory(c, "data=8,fsdp=1,tensor=1", "v5litepod-8")
+
+
 @pytest.mark.slow
 def test_plan_compiles_on_simulated_8_device_mesh():
     """The real step, lowered and compiled with the recipe's shardings (reduced to 4 original
