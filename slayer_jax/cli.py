@@ -469,7 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_surgery)
 
-    t = sub.add_parser("train", help="masked, sharded training from an ml_collections config")
+    from slayer_jax.configs import describe_keys
+
+    t = sub.add_parser("train", help="masked, sharded training from an ml_collections config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (--config.KEY=VALUE; defaults as in slayer_jax/configs.py):\n"
+                              + describe_keys())
     t.add_argument("--config", required=True, help="configs/<recipe>.py; override with --config.key=value")
     t.set_defaults(fn=cmd_train, wants_extra=True)
 

@@ -86,6 +86,20 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def describe_keys() -> str:
+    """Every config key with its default and the comment beside it in :func:`base_config`, one
+    per line (``slayer train --help``)."""
+    import inspect
+    import re
+
+    out = []
+    for line in inspect.getsource(base_config).splitlines():
+        m = re.match(r"\s+c\.([\w.]+) = (.+?)(?:\s+#\s*(.*))?$", line)
+        if m and not m.group(2).startswith("ml_collections.ConfigDict"):
+            out.append(f"  {m.group(1):<28} {m.group(2):<22} {m.group(3) or ''}".rstrip())
+    return "\n".join(out)
+
+
 def paper_scale(c: ml_collections.ConfigDict, name: str, model: str, model_config: str) -> ml_collections.ConfigDict:
     """The LLaMA Pro pretraining settings shared by the 7B/8B recipes: ~80B tokens as 15,900 steps
     of 1024 x 4096, bf16 compute over fp32 masters, frozen weights in bf16, full remat, FSDP over

@@ -370,13 +370,22 @@ class RunLogs:
                       f"later failures are not reported", file=sys.stderr, flush=True)
                 self.warned = True
 
+    TRAIN_KEYS = ("loss", "grad_norm", "lr", "tokens", "step_s", "tokens_per_s")  # and flops_per_s_*, mfu_*
+
+    @classmethod
+    def tag(cls, key: str) -> str:
+        """TensorBoard tag: the step's own figures under ``train/``, evaluations under ``eval/``."""
+        if key in cls.TRAIN_KEYS or key.startswith(("flops_per_s_", "mfu_")):
+            return f"train/{key}"
+        return f"eval/{key.removeprefix('eval_')}"
+
     def record(self, rec: dict) -> None:
         import json
 
         self._safely(self.metrics.append, json.dumps(rec))
         for k, v in rec.items():
             if k != "step" and v is not None:
-                self._safely(self.writer.add_scalar, f"train/{k}", v, rec["step"])
+                self._safely(self.writer.add_scalar, self.tag(k), v, rec["step"])
 
     def flush(self) -> None:
         self._safely(self.metrics.flush)
@@ -506,7 +515,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
         for b in eval_batches:
             l, w = _eval_fn(st["trainable"], frozen, multihost.global_batch(b, b_sh, global_rows))
             tot, cnt = tot + multihost.replicated_value(l), cnt + multihost.replicated_value(w)
-        return tot / max(cnt, 1.0)
+        return float(tot / max(cnt, 1.0))  # a Python float: it goes into metrics.jsonl
 
     _eval_fn = jax.jit(functools.partial(loss_sums, sc=dataclasses.replace(program.sc, remat=None, grad_accum=1),
                                          act_sharding=program.act_sharding))

@@ -117,3 +117,40 @@ def test_from_model_without_a_record_and_a_malformed_record_are_one_line(base, t
         with pytest.raises(SlayerError, match=f"{bad / 'config.json'}: {field}".replace("[", r"\[").replace(
                 "]", r"\]").replace(".", r"\.")):
             surgery.read_record(bad)
+
+
+def test_tensorboard_keeps_evaluation_apart_from_the_step(base):
+    """The step's own figures under train/, evaluations (eval_loss, an eval hook's metrics) under eval/."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    train(base, "tb", base / "model", **{"data.eval_source": base / "corpus", "eval_every": 1, "export_dir": ""})
+    tags = set()
+    for f in (base / "tb" / "tb").glob("events.out.tfevents.*"):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            tags |= {v.tag for v in Event.FromString(data[i + 12:i + 12 + n]).summary.value}
+            i += 12 + n + 4
+    assert {"train/loss", "train/grad_norm", "train/lr", "eval/loss"} <= tags, tags
+    assert not any(t.startswith("train/eval") for t in tags), tags
+
+
+def test_train_help_lists_every_config_key(capsys):
+    from slayer_jax.configs import base_config
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    listed = {line.split()[0] for line in text.split("config keys", 1)[1].splitlines()[1:] if line.strip()}
+    assert set(keys(base_config().to_dict())) == listed
