@@ -257,6 +257,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from slayer_jax import evaluate
 
     ours, harness = evaluate.parse_tasks(a.tasks, a.harness_tasks)
+    if a.limit is not None and a.limit < 1:
+        raise SlayerError(f"--limit: {a.limit}; expected a positive number of items per task")
     ks = _int_list(a.k, "--k")
     if "humaneval" in ours and max(ks) > a.samples:
         raise SlayerError(f"--k: pass@{max(ks)} needs at least {max(ks)} samples per problem; expected "
@@ -265,7 +267,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if not Path(p).is_dir():
             raise SlayerError(f"{p}: --include-path is not a directory; expected a folder of lm-eval task YAML")
     res = evaluate.run_eval(a.model, ours, harness, out=a.out, name=a.name, role=a.role, text=a.text, mcq=a.mcq,
-                   max_length=a.max_length, dtype=a.dtype, humaneval_limit=a.limit,
+                   max_length=a.max_length, dtype=a.dtype, limit=a.limit,
                    humaneval_samples=a.samples, ks=ks, temperature=a.temperature,
                    top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size,
                    workers=a.workers, include_path=a.include_path or [], harness_limit=a.harness_limit)
@@ -324,7 +326,8 @@ def _add_eval_verbs(subparsers) -> None:
     e.add_argument("--mcq", default="sample", help="mcq data: JSONL {question, choices, answer} or 'sample'")
     e.add_argument("--max-length", type=int, default=1024, help="ppl window / longest scored sequence")
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    e.add_argument("--limit", type=int, default=None, help="humaneval: the first N problems")
+    e.add_argument("--limit", type=int, default=None,
+                   help="every task: the first N documents / questions / problems (lm-eval: --harness-limit wins)")
     e.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem")
     e.add_argument("--k", default="1", help="humaneval: pass@k list, e.g. 1,10")
     e.add_argument("--temperature", type=float, default=0.0)

@@ -46,11 +46,13 @@ HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex pap
 RESULT_FORMAT = 1
 
 
-def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: int = 1024, **kw) -> dict[str, Any]:
-    """Rolling perplexity over the documents of a .txt / .jsonl file (or the shipped sample)."""
+def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: int = 1024, limit: int | None = None,
+                    **kw) -> dict[str, Any]:
+    """Rolling perplexity over the documents of a .txt / .jsonl file (or the shipped sample); the
+    first ``limit`` documents if given."""
     from slayer_jax.scoring import load_text
 
-    docs = load_text(text)
+    docs = load_text(text)[:limit]
     toks = [encode(tok, d) for d in docs]
     lls = rolling_loglikelihood(params, cfg, toks, prefix_token_id(tok), max_length, **kw)
     n_tok = sum(len(t) for t in toks)
@@ -88,10 +90,13 @@ def mcq_metrics(lls: Sequence[float], groups: Sequence[Sequence[int]], questions
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "near_ties": ties}
 
 
-def eval_mcq(params, cfg, tok, mcq: str | Path = "sample", max_length: int = 2048, **kw) -> dict[str, Any]:
+def eval_mcq(params, cfg, tok, mcq: str | Path = "sample", max_length: int = 2048, limit: int | None = None,
+             **kw) -> dict[str, Any]:
+    """Multiple-choice accuracy (acc, acc_norm) on a JSONL file (or the shipped sample); the first
+    ``limit`` questions if given."""
     from slayer_jax.scoring import load_mcq
 
-    questions = load_mcq(mcq)
+    questions = load_mcq(mcq)[:limit]
     reqs, groups = mcq_requests(tok, questions)
     res = score_requests(params, cfg, reqs, max_length=max_length, **kw)
     out = mcq_metrics([r[0] for r in res], groups, questions)
@@ -305,7 +310,7 @@ def parse_tasks(spec: str, harness_tasks: str | None = None) -> tuple[list[str],
 
 def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = (), *, out: str | Path | None = None,
              name: str | None = None, role: str | None = None, text: str = "sample", mcq: str = "sample",
-             max_length: int = 1024, dtype: str = "float32", humaneval_limit: int | None = None,
+             max_length: int = 1024, dtype: str = "float32", limit: int | None = None,
              humaneval_samples: int = 1, ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 384, seed: int = 0, batch_size: int = 8, workers: int = 2,
              include_path: Sequence[str] = (), harness_limit: int | None = None, loaded=None) -> dict[str, Any]:
@@ -332,14 +337,15 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
     for t in tasks:
         t1 = time.perf_counter()
         if t == "ppl":
-            result["tasks"]["ppl"] = eval_perplexity(params, cfg, tok, text, max_length=max_length, **score_kw)
+            result["tasks"]["ppl"] = eval_perplexity(params, cfg, tok, text, max_length=max_length, limit=limit,
+                                                     **score_kw)
         elif t == "mcq":
-            result["tasks"]["mcq"] = eval_mcq(params, cfg, tok, mcq, max_length=max_length, **score_kw)
+            result["tasks"]["mcq"] = eval_mcq(params, cfg, tok, mcq, max_length=max_length, limit=limit, **score_kw)
         elif t == "humaneval":
             gen = Generator(params, cfg, tok, dtype=dtype, max_batch=batch_size)
             samples = Path(out).with_suffix(".humaneval.jsonl") if out else None
             result["tasks"]["humaneval"] = eval_humaneval(
-                gen, limit=humaneval_limit, n_samples=humaneval_samples, ks=ks, temperature=temperature,
+                gen, limit=limit, n_samples=humaneval_samples, ks=ks, temperature=temperature,
                 top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, workers=workers, samples_out=samples)
         result["timings"][f"{t}_s"] = time.perf_counter() - t1
     if harness_tasks:
@@ -347,7 +353,7 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
 
         t1 = time.perf_counter()
         lm = SlayerLM(loaded=(params, cfg, tok), dtype=dtype, batch_size=batch_size)
-        res = run_harness(lm, list(harness_tasks), include_path=list(include_path), limit=harness_limit)
+        res = run_harness(lm, list(harness_tasks), include_path=list(include_path), limit=harness_limit if harness_limit is not None else limit)
         for task, metrics in res["results"].items():
             result["tasks"][f"harness:{task}"] = {k.split(",")[0]: v for k, v in metrics.items()
                                                  if isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -252,3 +252,25 @@ def test_packed_mcq_scorer_agrees_with_request_scorer(exported):
         np.testing.assert_allclose(packed.loglik[ids], [per_request[i] for i in g], rtol=1e-4, atol=1e-4)
     m_packed, m_req = packed.metrics(es), ev.mcq_metrics(per_request, groups, questions)
     assert (m_packed["acc"], m_packed["acc_norm"]) == (m_req["acc"], m_req["acc_norm"])
+
+
+def test_eval_limit_applies_to_every_task(exported, tmp_path):
+    """--limit N: the first N documents (ppl), questions (mcq) and lm-eval documents, not HumanEval only."""
+    from tiny_tok import TASKS_DIR
+
+    p = build_parser()
+    common = ["--mcq", str(TASKS_DIR / "mcq.jsonl"), "--text", str(TASKS_DIR / "texts.jsonl"), "--max-length", "64"]
+    full = tmp_path / "full.json"
+    a = p.parse_args(["eval", str(exported), "--tasks", "ppl,mcq", *common, "--out", str(full)])
+    assert a.fn(a) == 0
+    cut = tmp_path / "cut.json"
+    a = p.parse_args(["eval", str(exported), "--tasks", "ppl,mcq,harness:slayer_mcq", *common, "--limit", "2",
+                      "--out", str(cut)])
+    assert a.fn(a) == 0
+    f, c = json.loads(full.read_text())["tasks"], json.loads(cut.read_text())["tasks"]
+    assert f["ppl"]["documents"] > 2 and c["ppl"]["documents"] == 2
+    assert f["mcq"]["n"] > 2 and c["mcq"]["n"] == 2
+    assert c["mcq"]["acc"] == c["harness:slayer_mcq"]["acc"]  # lm-eval scored the same 2 questions
+    a = p.parse_args(["eval", str(exported), "--limit", "0"])
+    with pytest.raises(SlayerError, match="--limit: 0; expected a positive number"):
+        a.fn(a)
