@@ -11,7 +11,7 @@
 It implements the three request types with lm-eval's own conventions (it subclasses
 ``TemplateLM``, so the context/continuation split is lm-eval's code):
 
-- ``loglikelihood``: :func:`slayer_jax.evaluate.score_requests` (batched, left-truncated to
+- ``loglikelihood``: :func:`slayer_jax.loglik.score_requests` (batched, left-truncated to
   ``max_length + 1`` tokens as the ``hf`` backend does);
 - ``loglikelihood_rolling``: lm-eval's rolling windows over ``max_length``;
 - ``generate_until``: :class:`slayer_jax.generate.Generator` (KV cache), with the request's
@@ -194,3 +194,12 @@ def run_harness(lm: Any, tasks: list[str], include_path: Sequence[str] = (), lim
                               f"or of --include-path")
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=log_samples,
                                    torch_random_seed=None, **kw)
+
+
+def lm_eval_cli() -> None:
+    """``slayer-lm-eval``: lm-eval's own command line with ``--model slayer`` registered (lm-eval
+    has no plugin discovery, so plain ``lm_eval --model slayer`` cannot find it), e.g.
+    ``slayer-lm-eval --model slayer --model_args pretrained=default --tasks arc_easy``."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

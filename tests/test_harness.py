@@ -123,3 +123,24 @@ def test_smollm2_backend_agrees_with_lm_eval_hf(smollm2_dir):
         with torch.no_grad():
             lp = torch.log_softmax(hf64(x).logits, -1)[0, :-1].gather(-1, x[0, 1:, None]).sum().item()
         assert abs(_ll(s["resps"][0]) - lp) < 1e-3, (s["doc_id"], _ll(s["resps"][0]), lp)
+
+
+def test_slayer_lm_eval_command_runs_lm_evals_cli_with_the_slayer_model(exported, tmp_path):
+    """`slayer-lm-eval` (a console script of this package) is lm-eval's own CLI with `--model slayer`
+    registered, which plain `lm_eval --model slayer` cannot find (lm-eval has no plugin discovery)."""
+    import json
+    import subprocess
+    import sys
+
+    from slayer_jax.harness import TASKS_DIR
+
+    argv = ["slayer-lm-eval", "run", "--model", "slayer", "--model_args", f"pretrained={exported},max_length=64",
+            "--tasks", "slayer_mcq", "--include_path", str(TASKS_DIR), "--limit", "3", "--output_path",
+            str(tmp_path / "out")]
+    code = f"import sys; sys.argv = {argv!r}; from slayer_jax.harness import lm_eval_cli; lm_eval_cli()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results*.json")]
+    assert results and "slayer_mcq" in results[0]["results"], r.stdout[-2000:]
+    assert 0.0 <= results[0]["results"]["slayer_mcq"]["acc,none"] <= 1.0
