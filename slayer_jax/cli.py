@@ -547,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     except SlayerError as e:
         print(f"slayer: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed (disk full, read-only, permissions): the writer cleaned up
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"slayer: error: {where}{e.strerror or e}; nothing was replaced", file=sys.stderr)
+        return 1
 
 
 def entry() -> None:

@@ -194,3 +194,32 @@ def test_a_dead_writers_staging_is_removed_a_live_ones_kept(good_dir, tmp_path, 
     assert not any(d.exists() for d in stale)
     assert all(d.exists() for d in kept)  # a live writer (our parent), another host's, another target's
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [d.name for d in kept])
+
+
+@pytest.mark.parametrize("to", ["hf", "checkpoint"])
+def test_a_full_disk_mid_write_is_one_line_and_leaves_the_old_output(good_dir, tmp_path, capsys, monkeypatch, to):
+    """ENOSPC in the middle of writing over an existing export (--overwrite): one line, exit 1, the
+    old output as it was, no staging directory left."""
+    import errno
+
+    out = tmp_path / "out"
+    assert main(["convert", str(good_dir), str(out), "--to", to]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk"))
+
+    if to == "hf":
+        from slayer_jax.io import hf as hf_io
+
+        monkeypatch.setattr(hf_io, "write_safetensors", full)
+    else:
+        import orbax.checkpoint as ocp
+
+        monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
+    assert main(["convert", str(good_dir), str(out), "--to", to, "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"slayer: error: {tmp_path / 'disk'}: No space left on device; nothing was replaced"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
