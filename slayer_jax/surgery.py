@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from slayer_jax.errors import SlayerError
 from slayer_jax.model import Params
 
 INITS = ("average", "copy")
@@ -300,8 +301,6 @@ def plan_from(kind: str, num_layers: int, *, expand: int = 0, prune: int = 0, pr
     a record), ``none`` and ``from_model`` (no new surgery) give None. ``init`` "" is the kind's own."""
     from pathlib import Path
 
-    from slayer_jax.errors import SlayerError
-
     if kind in ("none", "from_model", None):
         return None
     init = init or default_init(kind)
@@ -466,9 +465,7 @@ class Record:
             "trainable_rest": dict(self.trainable_rest)}
 
 
-def _record_error(where: str, field: str, expected: str) -> "SlayerError":
-    from slayer_jax.errors import SlayerError
-
+def _record_error(where: str, field: str, expected: str) -> SlayerError:
     return SlayerError(f"{where}: {RECORD_KEY}.{field}: expected {expected}")
 
 
