@@ -270,11 +270,19 @@ def load_result(path: str | Path) -> dict[str, Any]:
         raise SlayerError(f"{p}: not found; expected a result JSON written by `slayer eval`")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SlayerError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}); expected a `slayer eval` result") \
-            from None
-    if not isinstance(d, dict) or not isinstance(d.get("tasks"), dict):
-        raise SlayerError(f"{p}: field 'tasks' is missing; expected a result JSON written by `slayer eval`")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SlayerError(f"{p}: not valid JSON ({getattr(e, 'msg', 'not UTF-8')}); expected a `slayer eval` "
+                          f"result") from None
+    if not isinstance(d, dict):
+        raise SlayerError(f"{p}: expected a JSON object (a result written by `slayer eval`), got {type(d).__name__}")
+    if not isinstance(d.get("tasks"), dict):
+        what = "missing" if "tasks" not in d else f"{d['tasks']!r}"[:60]
+        raise SlayerError(f"{p}: field 'tasks' is {what}; expected an object of task -> metrics, as `slayer eval` "
+                          f"writes")
+    bad = [t for t, m in d["tasks"].items() if not isinstance(m, dict)]
+    if bad:
+        raise SlayerError(f"{p}: field 'tasks.{bad[0]}' is {d['tasks'][bad[0]]!r:.60}; expected an object of "
+                          f"metric -> number")
     return d
 
 

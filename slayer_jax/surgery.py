@@ -194,6 +194,18 @@ class Plan:
             raise ValueError(f"plan: unknown field '{unknown[0]}'; expected some of {sorted(fields)}")
         if "num_layers" not in d:
             raise ValueError("plan: field 'num_layers' is missing")
+        for f in ("expand_after", "prune", "refresh"):
+            v = d.get(f, [])
+            if not isinstance(v, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                raise ValueError(f"plan: field '{f}' is {v!r}; expected a list of layer numbers")
+        for f in ("identity", "train_embed", "train_norm", "train_head"):
+            if f in d and not isinstance(d[f], bool):
+                raise ValueError(f"plan: field '{f}' is {d[f]!r}; expected true or false")
+        for f in ("init", "name", "notes"):
+            if f in d and not isinstance(d[f], str):
+                raise ValueError(f"plan: field '{f}' is {d[f]!r}; expected a string")
+        if isinstance(d["num_layers"], bool) or not isinstance(d["num_layers"], int):
+            raise ValueError(f"plan: field 'num_layers' is {d['num_layers']!r}; expected a positive integer")
         return cls(**d)
 
     def dumps(self) -> str:

@@ -223,3 +223,23 @@ def test_a_full_disk_mid_write_is_one_line_and_leaves_the_old_output(good_dir, t
     assert err == [f"slayer: error: {tmp_path / 'disk'}: No space left on device; nothing was replaced"]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("verb,content,line", [
+    ("surgery", [1, 2], "plan: expected an object with num_layers"),
+    ("surgery", {"num_layers": 2, "expand_after": 5}, "plan: field 'expand_after' is 5; expected a list of layer numbers"),
+    ("surgery", {"num_layers": "2"}, "plan: field 'num_layers' is '2'; expected a positive integer"),
+    ("surgery", {"num_layers": 2, "identity": "yes"}, "plan: field 'identity' is 'yes'; expected true or false"),
+    ("compare", [1], "expected a JSON object (a result written by `slayer eval`), got list"),
+    ("compare", {"tasks": [1]}, "field 'tasks' is [1]; expected an object of task -> metrics"),
+    ("compare", {"tasks": {"ppl": 3}}, "field 'tasks.ppl' is 3; expected an object of metric -> number"),
+])
+def test_json_of_the_wrong_shape_is_one_line(good_dir, tmp_path, capsys, verb, content, line):
+    f = tmp_path / "in.json"
+    f.write_text(json.dumps(content))
+    argv = (["surgery", str(good_dir), str(tmp_path / "out"), "--plan", str(f)] if verb == "surgery"
+            else ["compare", str(f)])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"slayer: error: {f}: {line}"), err
+    assert not (tmp_path / "out").exists()
