@@ -53,9 +53,9 @@ of its ``act_sharding``), the kernel is wrapped in ``jax.shard_map``: batch over
 ``K % tensor == 0``, else replicated and each shard slices the one kv head its query heads use
 (needs ``tensor % K == 0``), as MaxText's attention_op does.
 
-Where it is used: ``model.forward`` (training, evaluation) and :class:`model.DecoderBlock` with
-the ``attention=`` backend. In :mod:`slayer_jax.generate`, prefill (``CachedDecoderBlock`` with
-``kv_src="self"``) and decode still call ``model.dot_product_attention`` (= :func:`xla_attention`):
+Where it is used: ``model.forward`` (training, evaluation), through :func:`model.self_attention`
+with the ``attention=`` backend. In :mod:`slayer_jax.generate`, prefill and decode
+(:func:`generate.cache_attention`) still call ``model.dot_product_attention`` (= :func:`xla_attention`):
 prefill's left padding gives every padding token position 0 (not increasing), and decode attends
 one query to a [B*K, S, Dh] cache whose layout the kernels do not take; a decode step is a
 matrix-vector product with O(S) scores, so the flash kernels would save nothing there.

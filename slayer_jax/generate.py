@@ -57,8 +57,8 @@ import numpy as np
 from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
 from slayer_jax.layout import is_stacked, run_length
-from slayer_jax.model import (Params, as_dtype, attention_mask, block, dot_product_attention, embed, forward,
-                              rope_cos_sin, run_layers, unembed)
+from slayer_jax.model import (KERNELS, MODES, Params, as_dtype, attention_mask, block, dot_product_attention,
+                              embed, forward, rope_cos_sin, run_layers, unembed)
 
 # Traces of the jitted functions below (one per compile): tests and benchmarks read this.
 TRACES: collections.Counter = collections.Counter()
@@ -98,6 +98,9 @@ def cache_attention(mode: str, mask_BxTxS, write_col, dtype):
     column ``write_col``; then "prefill" attends the T new tokens among themselves (the prompt is
     the whole context) and "decode" attends to all S columns (:func:`cached_attention`).
     """
+    if mode not in MODES[1:]:
+        raise ValueError(f"mode: {mode!r} is not one of {MODES[1:]}")
+
     def attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, kv):
         B, T, K, Dh = k_BxTxKxDh.shape
         cache_k, cache_v = kv
@@ -146,6 +149,8 @@ class DecodeWeights:
 
     @classmethod
     def build(cls, params: Params, kernels: str) -> DecodeWeights:
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels: {kernels!r} is not one of {KERNELS}")
         if kernels == "in_out":
             return cls(params["layers"], None, kernels)
         layers = jax.tree_util.tree_map_with_path(

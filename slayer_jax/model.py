@@ -134,12 +134,12 @@ def block(cfg: ModelConfig, dtype: Any, layer: Params, x_BxTxD, cos_BxTxDh, sin_
         return dense(layer[name], h, dtype, kernels)
 
     h = rms_norm(x_BxTxD, layer["attn_norm"]["scale"], eps, dtype)
-    q = apply_rope(proj("q_proj", h).reshape(B, T, H, Dh), cos_BxTxDh, sin_BxTxDh)
-    k = apply_rope(proj("k_proj", h).reshape(B, T, K, Dh), cos_BxTxDh, sin_BxTxDh)
-    attn_BxTxHDh, kv = attend(q, k, proj("v_proj", h).reshape(B, T, K, Dh), kv)
+    q, k, v = (proj(n + "_proj", h).reshape(B, T, N, Dh) for n, N in (("q", H), ("k", K), ("v", K)))
+    attn_BxTxHDh, kv = attend(apply_rope(q, cos_BxTxDh, sin_BxTxDh), apply_rope(k, cos_BxTxDh, sin_BxTxDh), v, kv)
     x_BxTxD = x_BxTxD + proj("o_proj", attn_BxTxHDh)
     h = rms_norm(x_BxTxD, layer["mlp_norm"]["scale"], eps, dtype)
-    return x_BxTxD + proj("down_proj", jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)), kv
+    gate, up = proj("gate_proj", h), proj("up_proj", h)
+    return x_BxTxD + proj("down_proj", jax.nn.silu(gate) * up), kv
 
 
 def self_attention(cfg: ModelConfig, dtype: Any, mask_BxTxS, positions_BxT=None, segment_ids_BxT=None,
