@@ -227,9 +227,12 @@ def test_two_processes_export_loads_in_transformers_with_the_same_logits(setup):
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
 
 
+RESUME_STEPS = 24  # long enough that the SIGTERM notice, which takes a moment to reach every process, lands mid-run
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
-    return train(setup, "uninterrupted", 2, 2, "fsdp=4", steps=8)
+    return train(setup, "uninterrupted", 2, 2, "fsdp=4", steps=RESUME_STEPS)
 
 
 def assert_same_run(ref: Path, resumed: Path, steps: int) -> None:
@@ -251,14 +254,14 @@ def test_sigterm_to_one_process_saves_at_one_step_on_both_exits_0_and_resumes_bi
     import os
     import signal
 
-    steps, name = 8, "sigterm"
+    steps, name = RESUME_STEPS, "sigterm"
     o = overrides(setup, name, "fsdp=4", steps=steps, **{"checkpoint.every": 1000})
     procs = mp.start(mp.train_argv(CONFIG, o), 2, 2, setup / f"{name}.logs")
     metrics = setup / name / "metrics.jsonl"
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
                 break
             if any(p.poll() is not None for p in procs):
                 pytest.fail("training ended before the signal:\n" + mp.logs(setup / f"{name}.logs", 2))
@@ -271,7 +274,7 @@ def test_sigterm_to_one_process_saves_at_one_step_on_both_exits_0_and_resumes_bi
     assert codes == [0, 0], text
     assert "Traceback" not in text
     saved = [p.name for p in (setup / name / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and 3 <= int(saved[0]) < steps, (saved, text)
+    assert len(saved) == 1 and 2 <= int(saved[0]) < steps, (saved, text)
     at = int(saved[0])
     assert sorted(p.name for p in (setup / name / "checkpoints" / saved[0] / "data").glob("process_*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
@@ -287,7 +290,7 @@ def test_sigterm_to_one_process_saves_at_one_step_on_both_exits_0_and_resumes_bi
 
 @pytest.mark.slow
 def test_sigkill_both_processes_and_resume_bit_for_bit(setup, uninterrupted):
-    steps = 8
+    steps = RESUME_STEPS
     ref = uninterrupted
     name = "killed"
     o = overrides(setup, name, "fsdp=4", steps=steps)
