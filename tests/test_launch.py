@@ -312,22 +312,9 @@ def test_tpu_step_by_step_reports_every_workers_exit_status(tmp_path, gcs_dir):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, smollm2_dir):
     """tests/test_train_run.py's tiny Llama (4 layers, SmolLM2's tokenizer) and a small corpus."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_tok import make_smollm2_tiny_run
 
-    work = tmp_path_factory.mktemp("launch_run")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(work / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (Path(smollm2_dir) / f).exists():
-            shutil.copy(Path(smollm2_dir) / f, work / "model" / f)
-    (work / "corpus").mkdir()
-    for p in sorted(Path(json.__file__).parent.glob("*.py")):
-        shutil.copy(p, work / "corpus" / p.name)
-    return work
+    return make_smollm2_tiny_run(tmp_path_factory.mktemp("launch_run"), smollm2_dir)
 
 
 @pytest.mark.slow

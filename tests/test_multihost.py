@@ -9,7 +9,6 @@ after SIGKILL on the same processes is compared bit for bit."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -122,12 +121,11 @@ def test_a_failure_on_process_0_alone_stops_every_process_with_its_line(tmp_path
 def setup(tmp_path_factory):
     from tiny_tok import make_exported_model
 
+    from tiny_tok import copy_json_corpus
+
     work = tmp_path_factory.mktemp("multihost")
     make_exported_model(work / "model", layers=4)
-    corpus = work / "corpus"
-    corpus.mkdir()
-    for p in sorted(Path(json.__file__).parent.glob("*.py"))[:6]:
-        shutil.copy(p, corpus / p.name)
+    copy_json_corpus(work / "corpus", limit=6)
     return work
 
 

@@ -26,12 +26,11 @@ CONFIG = str(REPO / "configs" / "smollm2_slayer.py")
 def base(tmp_path_factory):
     from tiny_tok import make_exported_model
 
+    from tiny_tok import copy_json_corpus
+
     work = tmp_path_factory.mktemp("record")
     make_exported_model(work / "model", layers=4)
-    corpus = work / "corpus"
-    corpus.mkdir()
-    for p in sorted(Path(json.__file__).parent.glob("*.py"))[:4]:
-        shutil.copy(p, corpus / p.name)
+    copy_json_corpus(work / "corpus", limit=4)
     return work
 
 

@@ -3,7 +3,6 @@ real SIGKILL, refusal to resume into another plan, a NaN stop that keeps the las
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,25 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, smollm2_dir):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_tok import make_smollm2_tiny_run
 
-    work = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(work / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (Path(smollm2_dir) / f).exists():
-            shutil.copy(Path(smollm2_dir) / f, work / "model" / f)
-    corpus = work / "corpus"
-    corpus.mkdir()
-    import json as json_mod
-
-    for p in sorted(Path(json_mod.__file__).parent.glob("*.py")):
-        shutil.copy(p, corpus / p.name)
-    return work
+    return make_smollm2_tiny_run(tmp_path_factory.mktemp("run"), smollm2_dir)
 
 
 def overrides(work: Path, name: str, steps: int = 10, **extra) -> list[str]:

@@ -62,3 +62,35 @@ def make_exported_model(out_dir, seed: int = 0, layers: int = 2, add_bos: bool =
         params, jcfg, _ = load_hf(d, progress=False)
     save_hf(params, jcfg, out_dir, tokenizer=tok, overwrite=True, progress=False)
     return Path(out_dir)
+
+
+def copy_json_corpus(out_dir, limit: int | None = None) -> Path:
+    """A small real code corpus: the standard library's json package sources, copied to ``out_dir``."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in sorted(Path(json.__file__).parent.glob("*.py"))[:limit]:
+        shutil.copy(p, out / p.name)
+    return out
+
+
+def make_smollm2_tiny_run(work, smollm2_dir) -> Path:
+    """A tiny random Llama (4 layers, width 32) with SmolLM2's real tokenizer at ``work/model``, and
+    the json corpus at ``work/corpus``: the setup of the end-to-end training-run tests."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    work = Path(work)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(work / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(smollm2_dir) / f).exists():
+            shutil.copy(Path(smollm2_dir) / f, work / "model" / f)
+    copy_json_corpus(work / "corpus")
+    return work
