@@ -15,7 +15,7 @@ v6e and v5p-32 slices), its count misses work and no MFU is printed from it.
 
     python bench/tpu_plan_table.py [--recipes slayer_llama2_7b,...] [--devices v5p-8,...]
                                    [--layers N] [--seq-len 4096] [--json out.json]
-                                   [--estimate] [--xla-dump DIR]
+                                   [--estimate] [--xla-dump DIR] [--libtpu-args="--flag=value ..."]
     python bench/tpu_plan_table.py --peak DIR/RECIPE_DEVICE   # what is live at the compiler's peak
 
 ``--estimate`` prints ``slayer plan``'s quick analytic estimate (each term) beside each row;
@@ -23,6 +23,12 @@ v6e and v5p-32 slices), its count misses work and no MFU is printed from it.
 buffer assignment and live ranges to DIR/RECIPE_DEVICE, which ``--peak`` reads: the values live at the compiler's peak, grouped by
 the jax operation that made them, and the collective-matmul output buffers (``AllocateBuffer``)
 among them.
+
+``--libtpu-args`` passes flags to the TPU compiler: it sets LIBTPU_INIT_ARGS before jax loads libtpu
+(libtpu reads it once per process, and aborts on a flag it does not know), and each row's JSON
+records them. For example ``--libtpu-args=--xla_tpu_enable_windowed_einsum_for_all_gather=false``
+(with ``=``, since the value begins with ``--``) turns the collective matmuls (windowed einsums) of
+the FSDP all-gathers off.
 
 Needs libtpu (`pip install -e '.[tpu]'`).
 """
@@ -53,7 +59,13 @@ def main() -> None:
     ap.add_argument("--estimate", action="store_true", help="print the quick analytic estimate's terms too")
     ap.add_argument("--xla-dump", default=None, help="dump the compiler's buffer assignment here")
     ap.add_argument("--peak", default=None, help="only report the peak of a --xla-dump directory")
+    ap.add_argument("--libtpu-args", default=None,
+                    help="flags for the TPU compiler, set as LIBTPU_INIT_ARGS before jax loads libtpu")
     a = ap.parse_args()
+    if a.libtpu_args is not None:
+        if "jax" in sys.modules:
+            ap.error("--libtpu-args: jax is already imported; libtpu would not see the flags")
+        os.environ["LIBTPU_INIT_ARGS"] = a.libtpu_args
     if a.peak:
         print(peak_report(a.peak))
         return
@@ -85,6 +97,10 @@ def main() -> None:
             try:
                 info = compile_plan(c, None, device, num_layers=a.layers, target="tpu")
             except Exception as e:  # noqa: BLE001 -- a row that did not compile says why
+                rows.append({"recipe": recipe, "device": device, "seq_len": a.seq_len,
+                             "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
+                             "error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
+                             "compile_s": time.perf_counter() - t0})
                 print(f"| {recipe} | {device} | | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | "
                       f"{time.perf_counter() - t0:.0f} | | | | |", flush=True)
                 continue
@@ -101,7 +117,8 @@ def main() -> None:
             if mfu:
                 secs = info["optimal_seconds"] + attn["masked"] / accelerator(device)["peak"]
                 mfu_attn = {k: v / (secs * accelerator(device)["peak"]) for k, v in info["model_flops_per_device"].items()}
-            rows.append({"recipe": recipe, "seq_len": a.seq_len, "batch_size": int(c.batch_size), **info,
+            rows.append({"recipe": recipe, "seq_len": a.seq_len, "batch_size": int(c.batch_size),
+                         "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), **info,
                          "attention_flops_per_device": attn, "mfu_estimate_attention_at_peak": mfu_attn})
             print(f"| {recipe} | {device} | {info['num_devices']} | {m['argument'] / gib:.1f} / {m['temp'] / gib:.1f} / "
                   f"{m['total'] / gib:.1f} | {info['hbm'] / gib:.0f} | {'yes' if info['fits'] else 'no'} | "
@@ -113,7 +130,8 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2, default=str))
     print(f"\ncommand: python {' '.join(sys.argv)}; layers: {a.layers or 'all'}; sequence {a.seq_len}; "
-          f"each recipe's own batch, grad_accum, remat and dtypes")
+          f"each recipe's own batch, grad_accum, remat and dtypes"
+          + (f"; LIBTPU_INIT_ARGS={os.environ['LIBTPU_INIT_ARGS']!r}" if os.environ.get("LIBTPU_INIT_ARGS") else ""))
 
 
 def attention_flops_per_device(c, info: dict, num_layers: int | None = None) -> dict[str, float]:
