@@ -75,8 +75,8 @@ def main() -> None:
         os.environ["XLA_FLAGS"] = (f"--xla_dump_to={Path(a.xla_dump) / f'{a.recipes}_{a.devices}'} "
                                    "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*")
 
-    from slayer_jax.aot import accelerator, compile_plan
-    from slayer_jax.configs import load_config_file
+    aot, configs, _ = _modules()
+    accelerator, compile_plan, load_config_file = aot.accelerator, aot.compile_plan, configs.load_config_file
 
     rows = []
     print("| recipe | device | chips | GiB per chip (args / temp / total) | HBM GiB | fits | compile s | "
@@ -87,9 +87,7 @@ def main() -> None:
             c = load_config_file(REPO / "configs" / f"{recipe}.py",
                                  [f"--config.data.seq_len={a.seq_len}", *a.override])
             if a.estimate:
-                from slayer_jax.aot import plan_memory
-
-                est = plan_memory(c, None, device, num_layers=a.layers)
+                est = aot.plan_memory(c, None, device, num_layers=a.layers)
                 print(f"<!-- estimate {recipe} {device}: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est["bytes"].items())
                       + (f"; collective-matmul bound {est['collective_matmul_bound'] / 2**30:.2f}"
                          if "collective_matmul_bound" in est else "") + " GiB -->", flush=True)
@@ -134,13 +132,22 @@ def main() -> None:
           + (f"; LIBTPU_INIT_ARGS={os.environ['LIBTPU_INIT_ARGS']!r}" if os.environ.get("LIBTPU_INIT_ARGS") else ""))
 
 
+def _modules():
+    """slayer_jax's aot, configs and train modules: under slayer_jax.training since the package's
+    reorganisation into subfolders, at the top level before it."""
+    try:
+        from slayer_jax.training import aot, configs, train
+    except ImportError:
+        from slayer_jax import aot, configs, train
+    return aot, configs, train
+
+
 def attention_flops_per_device(c, info: dict, num_layers: int | None = None) -> dict[str, float]:
     """The attention part of the model's FLOPs per chip-step (full and masked): the count at the
     config's sequence minus the same count with attention left out (sequence 0)."""
-    from slayer_jax.aot import abstract_run
-    from slayer_jax.train import flops_per_token
-
-    _, _, _, lmap, cfg = abstract_run(c, num_layers)
+    aot, _, train = _modules()
+    flops_per_token = train.flops_per_token
+    _, _, _, lmap, cfg = aot.abstract_run(c, num_layers)
     trainable = [r["index"] for r in lmap if r["trainable"]]
     full = bool(c.get("full_finetune", False)) or c.plan.kind == "none"
     args = (None if full else min(trainable), len(trainable), bool(c.plan.get("train_head", False)) or full)
