@@ -19,14 +19,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from slayer_jax import attention as A
+from slayer_jax.modeling import attention as A
 
 
 def v5p_mesh(device: str = "v5p-8"):
-    from slayer_jax.aot import accelerator, tpu_devices
-    from slayer_jax.sharding import make_mesh
+    from slayer_jax.parallel.sharding import make_mesh
+    from slayer_jax.training.aot import accelerator, tpu_devices
 
     return make_mesh("data=-1", devices=tpu_devices(accelerator(device)))
 

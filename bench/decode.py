@@ -32,8 +32,8 @@ def main() -> int:
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
 
-    from slayer_jax.assets import default_model_dir
     from slayer_jax.generate import Generator
+    from slayer_jax.io.assets import default_model_dir
     from slayer_jax.io.hf import load_hf
 
     model_dir = default_model_dir()

@@ -4,12 +4,12 @@ The model is the paper's: Llama-2-7B's shapes (random weights: throughput does n
 their values), 8 averaged identity blocks after layers 1, 3, ..., 15, the 2 deepest layers
 pruned, the new last layer refreshed: 38 layers, 9 trainable. fp32 master weights, bf16
 compute, AdamW state for the trainable leaves only, remat per block, sequence 4096. The step is
-``slayer_jax.train.train_step``, the one ``slayer train`` runs.
+``slayer_jax.training.train.train_step``, the one ``slayer train`` runs.
 
 Each configuration runs in its own subprocess (a fresh allocator). Reported per configuration:
 tokens/s, MFU counted two ways (``full``: 3 x forward FLOPs of the whole model, the usual
 numerator; ``masked``: the work the step needs with frozen weight-gradients skipped; see
-``slayer_jax.train.flops_per_token``), XLA's compiled FLOPs, optimizer-state bytes and the
+``slayer_jax.training.train.flops_per_token``), XLA's compiled FLOPs, optimizer-state bytes and the
 device's peak memory.
 
     python bench/gpu_slayer7b.py [--preset llama2_7b] [--remat full,save_dots] [--batch 1,2]
@@ -31,9 +31,9 @@ import json, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 from slayer_jax import surgery
-from slayer_jax.known_models import known_config
-from slayer_jax.model import init_params
-from slayer_jax.train import (OptimConfig, StepConfig, compile_step, device_peak_flops, flops_per_token, init_state,
+from slayer_jax.modeling.known_models import known_config
+from slayer_jax.modeling.model import init_params
+from slayer_jax.training.train import (OptimConfig, StepConfig, compile_step, device_peak_flops, flops_per_token, init_state,
                               make_optimizer, split_params, tree_bytes, tree_size)
 preset, remat, B, T, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 attention = sys.argv[7]

@@ -2,7 +2,7 @@
 
 Both generate from the raw HumanEval prompt with the Codex stop sequences (\\nclass, \\ndef, \\n#,
 \\nif, \\nprint) and EOS, the completion is cut at the first stop sequence, and both sets of
-completions run in the same sandbox (slayer_jax.sandbox: one process per sample). Ours runs on
+completions run in the same sandbox (slayer_jax.evaluation.sandbox: one process per sample). Ours runs on
 all problems (or --limit); transformers on the first --hf-limit of them (its batch-1 CPU decoding
 is slow), in batches of --hf-batch left-padded prompts. The completions of the two are compared
 text for text on the common problems, and the problems where they differ are listed.
@@ -31,10 +31,10 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
-    from slayer_jax import evaluate as ev
-    from slayer_jax import sandbox
-    from slayer_jax.assets import default_model_dir
+    from slayer_jax.evaluation import evaluate as ev
+    from slayer_jax.evaluation import sandbox
     from slayer_jax.generate import Generator
+    from slayer_jax.io.assets import default_model_dir
     from slayer_jax.io.hf import load_hf
 
     model_dir = default_model_dir()

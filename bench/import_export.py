@@ -62,11 +62,11 @@ SHARDED_CHILD = PEAK_RSS + r"""
 import json, sys, time
 import jax
 src, mode = sys.argv[1], sys.argv[2]
-from slayer_jax.multihost import initialize
+from slayer_jax.parallel.multihost import initialize
 initialize()  # several processes: from the JAX_* environment the launcher sets
 from slayer_jax.io import load_any
 from slayer_jax.io import safetensors_stream as st
-from slayer_jax.sharding import make_mesh, param_shardings
+from slayer_jax.parallel.sharding import make_mesh, param_shardings
 read = [0]
 real = st.SafetensorsFile._pread
 def counting(self, f, off, buf, name):
@@ -102,9 +102,9 @@ def dir_bytes(d: Path) -> int:
 def write_random_checkpoint(d: Path, layers: int | None = None, dtype: str = "float32") -> None:
     import ml_dtypes
 
-    from slayer_jax.config import ModelConfig
     from slayer_jax.io.hf import expected_hf_shape, hf_tensor_map
     from slayer_jax.io.safetensors_stream import write_safetensors
+    from slayer_jax.modeling.config import ModelConfig
 
     d.mkdir(parents=True)
     hf = dict(TINYLLAMA, num_hidden_layers=layers or TINYLLAMA["num_hidden_layers"], torch_dtype=dtype)
@@ -186,7 +186,7 @@ def main() -> None:
         return main_sharded(a, work)
     rows = {}
     if not a.skip_smol:
-        from slayer_jax.assets import default_model_dir
+        from slayer_jax.io.assets import default_model_dir
 
         rows["SmolLM2-135M (HF dir, fp32)"] = measure(default_model_dir(), work / "smol_out")
     if not a.skip_1b:

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax import importance, scoring, surgery
+from slayer_jax import importance, surgery
+from slayer_jax.evaluation import scoring
 from slayer_jax.io import load_any
-from slayer_jax.model import forward
+from slayer_jax.modeling.model import forward
 
 
 def timed(fn, *a, **k):

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tokenizer(name: str):
-    from slayer_jax.prepare import load_tokenizer_arg
+    from slayer_jax.data.prepare import load_tokenizer_arg
 
     if name != "tiny":
         try:
@@ -73,7 +73,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from slayer_jax import data as D
-    from slayer_jax.prepare import PreparedCorpus, prepare_corpus
+    from slayer_jax.data.prepare import PreparedCorpus, prepare_corpus
 
     tok, tok_name = tokenizer(a.tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix="slayer_bench_"))

@@ -16,7 +16,7 @@ What it does
    - ``train_questions.jsonl``: the training split's questions in the same format (in-distribution).
 
 2. Trains, for each stack and seed, SmolLM2-135M-Instruct (fp32 HF dir from
-   ``slayer_jax.assets.default_model_dir()``) expanded with 6 identity blocks after original
+   ``slayer_jax.io.assets.default_model_dir()``) expanded with 6 identity blocks after original
    layers 1, 3, 5, 7, 9, 11 (each the average of layers i and i+1 with o_proj and down_proj
    zeroed); only the new blocks train (embeddings, head, norms, old layers frozen). Optimizer:
    fp32 AdamW, peak LR 1e-3, linear warm-up from 0 over max(1, round(0.06 N)) steps then cosine
@@ -592,7 +592,7 @@ def main(argv=None) -> int:
     ap.add_argument("--after", default=str(REPO), help="checkout for slayer_after")
     ap.add_argument("--slayer-before-extra", default="", help="comma-separated key=value overrides")
     ap.add_argument("--slayer-after-extra", default="", help="comma-separated key=value overrides")
-    ap.add_argument("--model", default="", help="base HF dir (default: slayer_jax.assets.default_model_dir())")
+    ap.add_argument("--model", default="", help="base HF dir (default: slayer_jax.io.assets.default_model_dir())")
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
     a = ap.parse_args(argv)
@@ -602,7 +602,7 @@ def main(argv=None) -> int:
     if a.model:
         base_dir = Path(a.model)
     else:
-        from slayer_jax.assets import default_model_dir
+        from slayer_jax.io.assets import default_model_dir
 
         base_dir = Path(default_model_dir())
     while not (base_dir / "model.safetensors").is_file():

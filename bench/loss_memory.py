@@ -1,7 +1,7 @@
 """Per-chip temporaries and FLOPs of the training loss + its gradient, plain vs vocabulary-chunked.
 
 Deviceless TPU compile (v5p-8 = v5p:2x2x1, 4 chips, mesh data=1,fsdp=4,tensor=1 as in
-bench/memory_table.py): the loss is ``slayer_jax.loss.loss_sums_from_hidden`` (final RMSNorm,
+bench/memory_table.py): the loss is ``slayer_jax.modeling.loss.loss_sums_from_hidden`` (final RMSNorm,
 head matmul, NLL, weights) differentiated w.r.t. the last hidden state [B, T, D] bf16 and the
 fp32 master params {norm, lm_head} (untied, as Llama-2/3), bf16 compute. Figures are the
 compiler's estimates (``memory_analysis().temp_size_in_bytes``, ``cost_analysis()["flops"]``)
@@ -30,16 +30,16 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import slayer_jax.loss as loss_mod
-from slayer_jax.loss import loss_sums_from_hidden
+import slayer_jax.modeling.loss as loss_mod
+from slayer_jax.modeling.loss import loss_sums_from_hidden
 
 MODELS = [("Llama-2 (V=32000)", 32000), ("Llama-3 (V=128256)", 128256)]
 D, T = 4096, 4096
 
 
 def v5p8_mesh() -> Mesh:
-    from slayer_jax.aot import accelerator, tpu_devices
-    from slayer_jax.sharding import make_mesh
+    from slayer_jax.parallel.sharding import make_mesh
+    from slayer_jax.training.aot import accelerator, tpu_devices
 
     return make_mesh("fsdp=4", devices=tpu_devices(accelerator("v5p-8")))
 

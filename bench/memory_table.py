@@ -6,8 +6,8 @@ of the same 38-layer model, from `slayer plan`'s accounting (shapes only, no wei
 
 from pathlib import Path
 
-from slayer_jax.aot import plan_memory
-from slayer_jax.configs import load_config_file
+from slayer_jax.training.aot import plan_memory
+from slayer_jax.training.configs import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = [  # device, mesh, grad_accum giving 4 rows x 4096 tokens per device per microbatch (1 on the H100)

@@ -26,9 +26,8 @@ import multiproc as mp  # noqa: E402
 
 def make_model(out: Path, layers: int, hidden: int) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tiny_tok import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
     torch.manual_seed(0)

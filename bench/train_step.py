@@ -26,7 +26,7 @@ import json, os, resource, sys, time
 import numpy as np
 name, steps, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 B, T = 4, 512
-from slayer_jax.assets import default_model_dir
+from slayer_jax.io.assets import default_model_dir
 model_dir = str(default_model_dir())
 rng = np.random.RandomState(0)
 tokens = rng.randint(0, 49152, (B, T + 1)).astype(np.int32)
@@ -37,7 +37,7 @@ if name.startswith("jax"):
     import functools, jax, jax.numpy as jnp
     from slayer_jax.io.hf import load_hf
     from slayer_jax import surgery
-    from slayer_jax.train import (OptimConfig, StepConfig, compile_step, init_state, make_optimizer, split_params,
+    from slayer_jax.training.train import (OptimConfig, StepConfig, compile_step, init_state, make_optimizer, split_params,
                                   train_step, tree_bytes)
     params, cfg, _ = load_hf(model_dir, progress=False, tokenizer=False)
     if expanded:

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import slayer_jax.model as M
-from slayer_jax.assets import default_model_dir
+import slayer_jax.modeling.model as M
+from slayer_jax.io.assets import default_model_dir
 from slayer_jax.io.hf import load_hf
-from slayer_jax.train import token_nll
+from slayer_jax.training.train import token_nll
 
 B, T = 4, 512
 

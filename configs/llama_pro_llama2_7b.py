@@ -5,7 +5,7 @@
 - Train only the new blocks; same optimizer, data and schedule as configs/slayer_llama2_7b.py.
 """
 
-from slayer_jax.configs import base_config, paper_scale
+from slayer_jax.training.configs import base_config, paper_scale
 
 
 def get_config():

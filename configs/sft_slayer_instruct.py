@@ -8,7 +8,7 @@ Defaults run here on SmolLM2 with a local chat JSONL ({"messages": [{"role", "co
                  --config.model=runs/smollm2_slayer/hf
 """
 
-from slayer_jax.configs import base_config
+from slayer_jax.training.configs import base_config
 
 
 def get_config():

@@ -10,7 +10,7 @@
   bf16, sequence 4096, global batch 1024, 15,900 steps (~80B tokens).
 - Corpus (code + math, as LLaMA Pro): Proof-Pile-2 (EleutherAI/proof-pile-2: algebraic-stack,
   open-web-math, arxiv; 55B tokens) and The-Stack-Dedup Python (bigcode/the-stack-dedup,
-  data/python; 22B tokens, mixture weight 1.5; settings in slayer_jax.configs.paper_scale). Prepare each corpus
+  data/python; 22B tokens, mixture weight 1.5; settings in slayer_jax.training.configs.paper_scale). Prepare each corpus
   once with `slayer data prepare`, then list them with their weights in `data.source`.
 
     slayer plan  --config configs/slayer_llama2_7b.py --mesh data=1,fsdp=4,tensor=1 --device v5p-8
@@ -20,7 +20,7 @@
                  --config.data.source="gs://b/pp2@1.0;gs://b/py@1.5" --config.workdir=gs://b/runs/slayer
 """
 
-from slayer_jax.configs import base_config, paper_scale
+from slayer_jax.training.configs import base_config, paper_scale
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """S strategy on Llama-3-8B (32 layers, GQA 32/8, vocab 128256): the paper's plan unchanged,
 8 averaged identity blocks after 1, 3, ..., 15, prune 30 and 31, refresh the new last layer."""
 
-from slayer_jax.configs import base_config, paper_scale
+from slayer_jax.training.configs import base_config, paper_scale
 
 
 def get_config():

@@ -10,7 +10,7 @@ removing SmolLM2's two deepest layers multiplies its general-text perplexity abo
     slayer train --config configs/smollm2_slayer.py --config.data.source=PATH [--config.steps=200]
 """
 
-from slayer_jax.configs import base_config
+from slayer_jax.training.configs import base_config
 
 
 def get_config():

@@ -20,19 +20,19 @@ def _save(params, cfg, tok, out: str, to: str, overwrite: bool, dtype=None, extr
         from slayer_jax.io.hf import save_hf
 
         return save_hf(params, cfg, out, tokenizer=tok, overwrite=overwrite, dtype=dtype, extra_config=extra_config)
-    from slayer_jax.checkpoint import save_model
+    from slayer_jax.io.checkpoint import save_model
 
     if dtype is not None:
         import jax
 
-        from slayer_jax.model import as_dtype
+        from slayer_jax.modeling.model import as_dtype
 
         params = jax.tree_util.tree_map(lambda x: x.astype(as_dtype(dtype)), params)
     return save_model(out, params, cfg, tokenizer=tok, overwrite=overwrite, extra_config=extra_config)
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
-    from slayer_jax.storage import as_path
+    from slayer_jax.io.storage import as_path
 
     if as_path(out).exists() and not overwrite:
         raise SlayerError(f"{out}: already exists; pass --overwrite to replace it")
@@ -52,9 +52,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from slayer_jax import surgery
-    from slayer_jax.checkpoint import load_model
+    from slayer_jax.io.checkpoint import load_model
     from slayer_jax.io.hf import save_hf
-    from slayer_jax.storage import cached_copy, is_remote
+    from slayer_jax.io.storage import cached_copy, is_remote
 
     _refuse_existing(a.out, a.overwrite)
     ckpt = cached_copy(a.ckpt) if is_remote(a.ckpt) else a.ckpt
@@ -66,7 +66,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def model_summary(params, cfg) -> dict:
-    from slayer_jax.model import count_params
+    from slayer_jax.modeling.model import count_params
 
     layers = params["layers"]
     per_layer = [count_params(layer) for layer in layers]
@@ -132,7 +132,7 @@ def cmd_surgery(a: argparse.Namespace) -> int:
         print(f"refreshing original layers {list(plan.refresh)} as the average with their successor")
     print(surgery.format_layer_map(lmap))
     n_train = surgery.count_trainable(new_params, mask)
-    from slayer_jax.model import count_params
+    from slayer_jax.modeling.model import count_params
 
     print(f"trainable parameters: {n_train:,} of {count_params(new_params):,} "
           f"({100 * n_train / count_params(new_params):.1f}%)")
@@ -143,8 +143,8 @@ def cmd_surgery(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace, extra: list[str]) -> int:
-    from slayer_jax.configs import load_config_file
-    from slayer_jax.train import run
+    from slayer_jax.training.configs import load_config_file
+    from slayer_jax.training.train import run
 
     bad = [x for x in extra if not x.startswith("--config.")]
     if bad:
@@ -160,7 +160,7 @@ def cmd_train(a: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_plan(a: argparse.Namespace, extra: list[str]) -> int:
-    from slayer_jax.aot import accelerator, mesh_for
+    from slayer_jax.training.aot import accelerator, mesh_for
 
     acc = accelerator(a.device)
     n = math.prod(mesh_for(a.mesh, acc).values())
@@ -168,8 +168,8 @@ def cmd_plan(a: argparse.Namespace, extra: list[str]) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={max(n, 1)}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from slayer_jax.aot import compile_plan, format_compile, format_plan, plan_memory
-    from slayer_jax.configs import load_config_file
+    from slayer_jax.training.aot import compile_plan, format_compile, format_plan, plan_memory
+    from slayer_jax.training.configs import load_config_file
 
     config = load_config_file(a.config, extra)
     report = plan_memory(config, a.mesh, a.device, num_layers=None)
@@ -197,7 +197,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_data_prepare(a: argparse.Namespace) -> int:
     import time
 
-    from slayer_jax.prepare import load_tokenizer_arg, prepare_corpus
+    from slayer_jax.data.prepare import load_tokenizer_arg, prepare_corpus
 
     if a.seq_len < 2:
         raise SlayerError(f"--seq-len: {a.seq_len}; expected an integer > 1")
@@ -254,7 +254,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from slayer_jax import evaluate
+    from slayer_jax.evaluation import evaluate
 
     ours, harness = evaluate.parse_tasks(a.tasks, a.harness_tasks)
     if a.limit is not None and a.limit < 1:
@@ -278,8 +278,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from slayer_jax import evaluate
-    from slayer_jax.storage import write_text_atomic
+    from slayer_jax.evaluation import evaluate
+    from slayer_jax.io.storage import write_text_atomic
 
     results = [evaluate.load_result(p) for p in a.results]
     if a.names:
@@ -296,7 +296,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def _add_eval_verbs(subparsers) -> None:
-    from slayer_jax import evaluate
+    from slayer_jax.evaluation import evaluate
 
     g = subparsers.add_parser("generate", help="continue prompts (KV cache; streams a single prompt)")
     g.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
@@ -353,7 +353,8 @@ def _positive(name: str, v: int | None) -> None:
 
 
 def cmd_importance(a: argparse.Namespace) -> int:
-    from slayer_jax import importance, scoring
+    from slayer_jax import importance
+    from slayer_jax.evaluation import scoring
     from slayer_jax.io import load_any
 
     for name in ("seq_len", "batch_size", "windows", "mcq_limit", "max_block"):
@@ -472,11 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_surgery)
 
-    from slayer_jax.configs import describe_keys
+    from slayer_jax.training.configs import describe_keys
 
     t = sub.add_parser("train", help="masked, sharded training from an ml_collections config",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="config keys (--config.KEY=VALUE; defaults as in slayer_jax/configs.py):\n"
+                       epilog="config keys (--config.KEY=VALUE; defaults as in slayer_jax/training/configs.py):\n"
                               + describe_keys())
     t.add_argument("--config", required=True, help="configs/<recipe>.py; override with --config.key=value")
     t.set_defaults(fn=cmd_train, wants_extra=True)

@@ -94,7 +94,7 @@ def choose_plan(profile: dict, L: int, max_ppl_increase: float = 0.02):
 def build_data(out: Path) -> dict[str, Any]:
     from importlib import resources
 
-    from slayer_jax.corpus import build_code_corpus
+    from slayer_jax.data.corpus import build_code_corpus
 
     code = build_code_corpus(out / "data" / "code", train_budget=1_500_000, heldout_budget=200_000)
     samples = resources.files("slayer_jax") / "data_samples"
@@ -105,7 +105,7 @@ def build_data(out: Path) -> dict[str, Any]:
 
 def make_evalsets(tok, paths: dict, seq_len: int, code_windows: int, english_windows: int | None,
                   mcq_limit: int | None = None):
-    from slayer_jax import scoring
+    from slayer_jax.evaluation import scoring
 
     code_docs = [json.loads(line)["text"] for line in open(paths["code_heldout"])]
     english = scoring.load_text(paths["english"])
@@ -122,7 +122,7 @@ def make_evalsets(tok, paths: dict, seq_len: int, code_windows: int, english_win
 
 def evaluate(params, cfg, sets, mcq: bool = True) -> dict[str, float]:
     """Held-out code and English perplexity (and MCQ accuracy, which is slower: base and final only)."""
-    from slayer_jax import scoring
+    from slayer_jax.evaluation import scoring
 
     code = scoring.score_params(params, sets["code"], cfg).metrics(sets["code"])
     eng = scoring.score_params(params, sets["english"], cfg).metrics(sets["english"])
@@ -134,7 +134,7 @@ def evaluate(params, cfg, sets, mcq: bool = True) -> dict[str, float]:
 
 
 def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int, seed: int, plan, kind: str):
-    from slayer_jax.configs import base_config
+    from slayer_jax.training.configs import base_config
 
     c = base_config()
     c.model = str(model_dir)
@@ -168,7 +168,7 @@ def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int,
 def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, timer, curve: bool = True):
     import shutil
 
-    from slayer_jax.train import run
+    from slayer_jax.training.train import run
 
     c = train_config(model_dir, out, name, paths, steps, seed, plan, kind)
     shutil.rmtree(c.workdir, ignore_errors=True)
@@ -318,8 +318,9 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
 
     import jax
 
-    from slayer_jax import importance, scoring, surgery
-    from slayer_jax.assets import default_model_dir
+    from slayer_jax import importance, surgery
+    from slayer_jax.evaluation import scoring
+    from slayer_jax.io.assets import default_model_dir
     from slayer_jax.io.hf import load_hf
 
     out_dir = Path(out).absolute()

@@ -3,3 +3,9 @@
 
 class SlayerError(Exception):
     """Bad input: the message names the file, the field and what was expected."""
+
+
+def first_line(e: BaseException | str) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__

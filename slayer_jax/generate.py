@@ -1,6 +1,6 @@
 """Decoding: a jitted prefill, then a fused decode loop over a preallocated, GQA-aware KV cache.
 
-Layout (shape suffixes as in :mod:`slayer_jax.model`; S is the cache length)::
+Layout (shape suffixes as in :mod:`slayer_jax.modeling.model`; S is the cache length)::
 
     prompts ──left-pad to T (prompt bucket)──▶ prefill ──▶ cache per layer: k [B*K, S, Dh], v [B*K, Dh, S]
                                                   │            token buffer [B, S]
@@ -9,7 +9,7 @@ Layout (shape suffixes as in :mod:`slayer_jax.model`; S is the cache length)::
                           the cache in the loop carry, updated in place
 
 - The cache holds K (kv) heads, not H: GQA shares it between the G = H // K query heads of
-  a group, exactly as :func:`slayer_jax.model.dot_product_attention` does. k is stored
+  a group, exactly as :func:`slayer_jax.modeling.model.dot_product_attention` does. k is stored
   [B*K, S, Dh] and v [B*K, Dh, S]: the operand layouts XLA uses for the two attention matmuls,
   fed to them with no reshape, so no step copies or transposes the cache (see
   :func:`cached_attention`; a [B, S, K, Dh] cache was transposed whole for every layer and token,
@@ -26,8 +26,8 @@ Layout (shape suffixes as in :mod:`slayer_jax.model`; S is the cache length)::
   traces. :data:`TRACES` counts traces.
 - The cache of a (B, S) bucket is allocated once per :class:`Generator` and reused: each call
   donates it to the prefill, which donates it to the decode loop, which hands it back.
-- Prefill and decode are :func:`slayer_jax.model.block` in its "prefill" and "decode" modes
-  (:func:`cache_attention`) under the one layer loop, :func:`slayer_jax.model.run_layers`.
+- Prefill and decode are :func:`slayer_jax.modeling.model.block` in its "prefill" and "decode" modes
+  (:func:`cache_attention`) under the one layer loop, :func:`slayer_jax.modeling.model.run_layers`.
   Their weights are a :class:`DecodeWeights` layout chosen when the :class:`Generator` is built
   and held beside the params (never inside them). On CPU it is "out_in": every kernel transposed
   once to [out, in] and multiplied weights first, ``[F, D] x [D, B]`` with the B new tokens as
@@ -54,11 +54,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.layout import is_stacked, run_length
-from slayer_jax.model import (KERNELS, MODES, Params, as_dtype, attention_mask, block, dot_product_attention,
-                              embed, forward, rope_cos_sin, run_layers, unembed)
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.layout import is_stacked, run_length
+from slayer_jax.modeling.model import (
+    KERNELS,
+    MODES,
+    Params,
+    as_dtype,
+    attention_mask,
+    block,
+    dot_product_attention,
+    embed,
+    forward,
+    rope_cos_sin,
+    run_layers,
+    unembed,
+)
 
 # Traces of the jitted functions below (one per compile): tests and benchmarks read this.
 TRACES: collections.Counter = collections.Counter()
@@ -67,7 +79,7 @@ MAX_STOP_IDS = 8  # stop-token slots in the compiled loop (a traced array, padde
 
 # ----------------------------------------------------------------------------- the KV cache
 def cached_attention(q_BxTxHxDh, k_NxSxDh, v_NxDhxS, mask_BxTxS, dtype) -> jax.Array:
-    """The "decode" mode's attention: :func:`slayer_jax.model.dot_product_attention` over one layer's
+    """The "decode" mode's attention: :func:`slayer_jax.modeling.model.dot_product_attention` over one layer's
     cache, N = B * K rows.
 
     k is [B*K, S, Dh] and v [B*K, Dh, S]: with one query token (times G heads) the cache is the
@@ -91,7 +103,7 @@ def cached_attention(q_BxTxHxDh, k_NxSxDh, v_NxDhxS, mask_BxTxS, dtype) -> jax.A
 
 
 def cache_attention(mode: str, mask_BxTxS, write_col, dtype):
-    """The "prefill" / "decode" mode's attend for :func:`slayer_jax.model.block`, over one layer's cache.
+    """The "prefill" / "decode" mode's attend for :func:`slayer_jax.modeling.model.block`, over one layer's cache.
 
     The cache of one layer is ``kv`` = (k [B*K, S, Dh], v [B*K, Dh, S]) (K kv heads: GQA shares
     them between the query heads of a group). The block's new k and v (T tokens) are written at

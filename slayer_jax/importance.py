@@ -1,7 +1,7 @@
 """Layer importance: angular distance, Block Influence, removal and expansion sweeps, plots, a plan.
 
 Per-layer measures (all taken from each layer's own input ``x_l`` and output ``x_{l+1}``, i.e.
-the residual stream entries of :func:`slayer_jax.model.forward` ``return_hidden``, never from
+the residual stream entries of :func:`slayer_jax.modeling.model.forward` ``return_hidden``, never from
 the post-final-norm state):
 
 - angular distance (Gromov et al. 2024) ``d(x_l, x_{l+n}) = arccos(cos(x_l, x_{l+n})) / pi``,
@@ -17,7 +17,7 @@ the post-final-norm state):
 Both sweeps report perplexity on a text set and multiple-choice accuracy by summed
 log-likelihood (and length-normalised), and each one's change from the intact model.
 Each sweep kind compiles once: the variant is data (a slot index/gate vector handed to
-:func:`slayer_jax.scoring.layer_logprobs`), never a new trace.
+:func:`slayer_jax.evaluation.scoring.layer_logprobs`), never a new trace.
 
 :func:`run_importance` computes the profile, :func:`recommend_plan` turns it into a
 :class:`slayer_jax.surgery.Plan`, :func:`write_outputs` writes ``importance.csv``,
@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax import scoring, surgery
-from slayer_jax.config import ModelConfig
+from slayer_jax import surgery
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import Params, as_dtype
-from slayer_jax.scoring import TRACES, EvalSet
+from slayer_jax.evaluation import scoring
+from slayer_jax.evaluation.scoring import TRACES, EvalSet
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.model import Params, as_dtype
 
 SWEEPS = ("removal", "expansion")
 PLAN_METRICS = ("removal_nll", "removal_acc", "expansion_nll", "expansion_acc", "angular_mean", "angular_last",

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import Params
+from slayer_jax.modeling.model import Params
 
 INITS = ("average", "copy")
 # A new block's init when none is given follows the plan's kind: the S strategy (shallow) averages
@@ -518,7 +518,7 @@ def parse_record(d: Any, where: str = "config.json") -> Record:
 def read_record(model: Any) -> Record | None:
     """The record of a model directory (HF export or slayer checkpoint, local or gs://), or None
     for a model without one (as downloaded, a GGUF file)."""
-    from slayer_jax.storage import as_path
+    from slayer_jax.io.storage import as_path
 
     path = as_path(model) / "config.json"
     try:

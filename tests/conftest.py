@@ -24,7 +24,7 @@ pytest_plugins = ["gcs_emulator"]  # the `gcs_bucket` / `gcs_dir` fixtures: a lo
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the reference SmolLM2-135M-Instruct.Q4_1.gguf in the cache."""
-    from slayer_jax.assets import default_gguf_path
+    from slayer_jax.io.assets import default_gguf_path
 
     return default_gguf_path(wheel=os.environ.get("SLAYER_SMOLLM2_WHEEL"),
                              gguf=os.environ.get("SLAYER_SMOLLM2_GGUF"))
@@ -33,6 +33,6 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf):
     """The default model as a cached fp32 HF directory (converted from ``smollm2_gguf``)."""
-    from slayer_jax.assets import default_model_dir
+    from slayer_jax.io.assets import default_model_dir
 
     return default_model_dir(gguf=smollm2_gguf)

@@ -1,4 +1,4 @@
-"""slayer_jax.attention: every backend that can run here equals the xla reference, forward and gradients.
+"""slayer_jax.modeling.attention: every backend that can run here equals the xla reference, forward and gradients.
 
 Splash runs in Pallas interpret mode on CPU (the kernel's own code, its own backward). The cuDNN
 numerical test needs a GPU; the TPU compile check needs libtpu (deviceless: no TPU needed).
@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slayer_jax import attention as A
-from slayer_jax import model as M
-from slayer_jax.config import ModelConfig
+from slayer_jax.modeling import attention as A
+from slayer_jax.modeling import model as M
+from slayer_jax.modeling.config import ModelConfig
 
 ON_GPU = any(d.platform == "gpu" for d in jax.devices())
 gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs a GPU")
@@ -99,7 +99,7 @@ def test_splash_packed_window_bf16():
 def test_splash_sharded(K):
     """Per shard under shard_map: batch over data, heads over tensor; K=4 shards the kv heads,
     K=1 replicates the one kv head on every tensor shard."""
-    from slayer_jax.sharding import make_mesh
+    from slayer_jax.parallel.sharding import make_mesh
 
     mesh = make_mesh("data=2,fsdp=1,tensor=2", devices=jax.devices()[:4])
     seg, pos = _packed(2, 128, [[50, 78], [128]])
@@ -167,8 +167,8 @@ def test_cudnn_equals_xla_bf16(K):
 
 
 def _v5p_mesh():
-    from slayer_jax.aot import accelerator, tpu_devices
-    from slayer_jax.sharding import make_mesh
+    from slayer_jax.parallel.sharding import make_mesh
+    from slayer_jax.training.aot import accelerator, tpu_devices
 
     return make_mesh("data=4", devices=tpu_devices(accelerator("v5p-8")))
 
@@ -176,7 +176,8 @@ def _v5p_mesh():
 def _layer_temp_bytes(mesh, backend, T=1024):
     """The TPU compiler's estimate of temporaries for forward+backward of a one-layer tiny model
     (4 heads x 128, 2 kv heads, bf16 compute, packed rows), compiled deviceless for ``mesh``."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=128)

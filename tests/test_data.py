@@ -267,8 +267,8 @@ def test_packed_rows_give_the_same_logits_as_lone_documents():
     """The arrays mean to model.forward what the packing claims: each document sees only itself."""
     import jax
 
-    from slayer_jax.config import ModelConfig
-    from slayer_jax.model import forward, init_params
+    from slayer_jax.modeling.config import ModelConfig
+    from slayer_jax.modeling.model import forward, init_params
 
     cfg = ModelConfig.from_hf_dict(dict(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -396,7 +396,7 @@ def test_load_chat_jsonl(tmp_path):
 
 
 def smollm2_tokenizer():
-    from slayer_jax.assets import cache_root
+    from slayer_jax.io.assets import cache_root
 
     d = cache_root() / "smollm2-135m-instruct"
     if not (d / "tokenizer.json").exists() and not (d / "tokenizer_config.json").exists():

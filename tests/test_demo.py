@@ -15,7 +15,7 @@ def test_demo_end_to_end(smollm2_dir, tmp_path):
 
     from slayer_jax.demo import run_demo
     from slayer_jax.io.hf import load_hf
-    from slayer_jax.model import forward
+    from slayer_jax.modeling.model import forward
 
     out = tmp_path / "demo"
     assert run_demo(out=str(out), steps=2, importance_windows=1, eval_windows=1, mcq_limit=8) == 0

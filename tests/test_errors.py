@@ -126,7 +126,7 @@ def test_bad_input_one_line_nonzero_nothing_written(case, to, good_dir, tmp_path
 
 def test_null_max_position_embeddings_takes_the_default(good_dir, tmp_path):
     """JSON null where a number with a default goes is that default (transformers' own reading)."""
-    from slayer_jax.config import load_config
+    from slayer_jax.modeling.config import load_config
 
     src = _copy(good_dir, tmp_path / "src")
     _edit_config(src, max_position_embeddings=None, rope_theta=None)
@@ -178,7 +178,7 @@ def test_export_interrupted_leaves_nothing(good_dir, tmp_path, monkeypatch):
 def test_a_dead_writers_staging_is_removed_a_live_ones_kept(good_dir, tmp_path, to):
     """A convert killed mid-write leaves `.OUT.tmp-HOST-PID`; the next write to OUT removes it (and
     a dead swap's `.old-`), but never a live process's, nor another host's."""
-    from slayer_jax import storage
+    from slayer_jax.io import storage
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

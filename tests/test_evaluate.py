@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_hf import make_hf_model
 
-from slayer_jax import evaluate as ev
 from slayer_jax.cli import build_parser
 from slayer_jax.errors import SlayerError
+from slayer_jax.evaluation import evaluate as ev
 from slayer_jax.io.hf import load_hf
 
 
@@ -106,7 +106,7 @@ def test_encode_pair_follows_lm_eval():
 
 
 def test_mcq_metrics_acc_norm_divides_by_characters():
-    from slayer_jax.scoring import MCQ
+    from slayer_jax.evaluation.scoring import MCQ
 
     # q0: choice 1 has the higher total, choice 0 the higher per-character score (lm-eval's acc_norm)
     # q1: "éé" is 2 characters but 4 bytes: per character choice 0 wins, per byte choice 1 would
@@ -239,7 +239,7 @@ def test_packed_mcq_scorer_agrees_with_request_scorer(exported):
     same acc / acc_norm (both normalise by characters of the choice, as lm-eval does)."""
     from tiny_tok import TASKS_DIR
 
-    from slayer_jax import scoring
+    from slayer_jax.evaluation import scoring
 
     params, cfg, tok = load_hf(exported, progress=False)
     questions = scoring.load_mcq(TASKS_DIR / "mcq.jsonl")

@@ -14,8 +14,8 @@ from slayer_jax.generate import (
     sample_logits,
 )
 from slayer_jax.io.hf import load_hf
-from slayer_jax.layout import is_stacked, to_scan_layout
-from slayer_jax.model import block, forward, self_attention
+from slayer_jax.modeling.layout import is_stacked, to_scan_layout
+from slayer_jax.modeling.model import block, forward, self_attention
 
 TOL = 1e-4
 _fwd = jax.jit(forward, static_argnums=2)
@@ -228,8 +228,8 @@ def test_chat_template_and_cli(tok_model, capsys):
     ids = gen.encode("Hi there", chat=True)
     assert ids == list(tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False))
-    from slayer_jax.errors import SlayerError
     from slayer_jax.cli import build_parser
+    from slayer_jax.errors import SlayerError
 
     p = build_parser()
     a = p.parse_args(["generate", str(d), "--prompt", "Question: What is 2 plus 3?", "--max-new-tokens", "6"])

@@ -1,4 +1,4 @@
-"""GGUF import (slayer_jax.io.gguf) and the default-model assets (slayer_jax.assets).
+"""GGUF import (slayer_jax.io.gguf) and the default-model assets (slayer_jax.io.assets).
 
 References, all independent of the code under test:
 * tiny files written here with ``gguf.GGUFWriter`` from a random transformers ``LlamaForCausalLM``,
@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from slayer_jax import assets
 from slayer_jax.errors import SlayerError
+from slayer_jax.io import assets
 from slayer_jax.io import gguf as gg
 from slayer_jax.io.gguf import config_from_gguf, load_gguf
-from slayer_jax.model import forward
+from slayer_jax.modeling.model import forward
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:

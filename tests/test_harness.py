@@ -18,7 +18,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 
-from slayer_jax.harness import TASKS_DIR, SlayerLM, run_harness  # noqa: E402
+from slayer_jax.evaluation.harness import TASKS_DIR, SlayerLM, run_harness  # noqa: E402
 
 TASKS = ["slayer_mcq", "slayer_ppl", "slayer_gen"]
 
@@ -132,12 +132,12 @@ def test_slayer_lm_eval_command_runs_lm_evals_cli_with_the_slayer_model(exported
     import subprocess
     import sys
 
-    from slayer_jax.harness import TASKS_DIR
+    from slayer_jax.evaluation.harness import TASKS_DIR
 
     argv = ["slayer-lm-eval", "run", "--model", "slayer", "--model_args", f"pretrained={exported},max_length=64",
             "--tasks", "slayer_mcq", "--include_path", str(TASKS_DIR), "--limit", "3", "--output_path",
             str(tmp_path / "out")]
-    code = f"import sys; sys.argv = {argv!r}; from slayer_jax.harness import lm_eval_cli; lm_eval_cli()"
+    code = f"import sys; sys.argv = {argv!r}; from slayer_jax.evaluation.harness import lm_eval_cli; lm_eval_cli()"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]

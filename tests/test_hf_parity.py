@@ -9,7 +9,7 @@ import pytest
 from tiny_hf import VARIANTS, hf_logits, make_hf_model
 
 from slayer_jax.io.hf import load_hf, save_hf
-from slayer_jax.model import forward
+from slayer_jax.modeling.model import forward
 
 TOL = 1e-4  # fp32 end to end; differences are only reduction order
 

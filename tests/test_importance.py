@@ -1,7 +1,7 @@
 """Layer importance: hand-computed metrics, identity blocks, one-compile sweeps vs explicit surgery, CLI.
 
 References are independent of the code under test: numpy arccos of hand-built vectors, and a
-"fresh evaluation" that runs :func:`slayer_jax.model.forward` (the plain Python loop over the
+"fresh evaluation" that runs :func:`slayer_jax.modeling.model.forward` (the plain Python loop over the
 layer list) on each text window and on each ``context + choice`` sequence separately, after an
 explicit :func:`surgery.remove_layers` / :func:`surgery.insert_layers`.
 """
@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slayer_jax import importance, scoring, surgery
+from slayer_jax import importance, surgery
 from slayer_jax.cli import main as cli_main
-from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import forward, init_params
+from slayer_jax.evaluation import scoring
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.model import forward, init_params
 
 CFGS = {
     "llama_bias": ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_attention_heads=4,
@@ -170,7 +171,7 @@ def test_model_metrics_come_from_each_layers_input_and_output(setup1):
 
 
 def _final_norm(params, cfg, x):
-    from slayer_jax.model import RMSNorm
+    from slayer_jax.modeling.model import RMSNorm
 
     return RMSNorm(cfg.rms_norm_eps).apply({"params": params["norm"]}, x)
 

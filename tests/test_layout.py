@@ -1,4 +1,4 @@
-"""The frozen tree's scan layout (slayer_jax.layout): exact round trip, the same forward and the same
+"""The frozen tree's scan layout (slayer_jax.modeling.layout): exact round trip, the same forward and the same
 train step as the list layout, and the masked step's FLOP saving kept inside the scanned loops."""
 
 import functools
@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slayer_jax import layout, surgery
-from slayer_jax.config import ModelConfig
-from slayer_jax.configs import base_config
-from slayer_jax.model import forward, init_params
-from slayer_jax.sharding import make_mesh
-from slayer_jax.train import build_step, split_params
+from slayer_jax import surgery
+from slayer_jax.modeling import layout
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.model import forward, init_params
+from slayer_jax.parallel.sharding import make_mesh
+from slayer_jax.training.configs import base_config
+from slayer_jax.training.train import build_step, split_params
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16)

@@ -1,4 +1,4 @@
-"""slayer_jax.loss: the vocabulary-chunked token NLL equals the plain one, values and gradients.
+"""slayer_jax.modeling.loss: the vocabulary-chunked token NLL equals the plain one, values and gradients.
 
 Tolerances. fp32: the chunked and plain paths multiply the same operands; they differ only in
 the order of fp32 reductions (streaming logsumexp, d(hidden) summed over chunks), so sums agree
@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slayer_jax.config import ModelConfig
-from slayer_jax.loss import chunked_token_nll, loss_sums_from_hidden, token_nll
-from slayer_jax.model import forward, init_params
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.loss import chunked_token_nll, loss_sums_from_hidden, token_nll
+from slayer_jax.modeling.model import forward, init_params
 
 B, T, D, V = 2, 7, 16, 96
 

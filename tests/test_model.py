@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from tiny_hf import hf_logits, make_hf_model
 
-from slayer_jax.config import ModelConfig
 from slayer_jax.io.hf import load_hf
-from slayer_jax.model import count_params, forward, init_params
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.model import count_params, forward, init_params
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
+import multiproc as mp
 import numpy as np
 import pytest
 
-import multiproc as mp
 from slayer_jax.errors import SlayerError
-from slayer_jax.multihost import launch_settings
+from slayer_jax.parallel.multihost import launch_settings
 
 CONFIG = str(mp.REPO / "configs" / "smollm2_slayer.py")
 
@@ -75,7 +75,7 @@ import sys
 import jax
 import jax.numpy as jnp
 from slayer_jax.errors import SlayerError
-from slayer_jax import multihost
+from slayer_jax.parallel import multihost
 
 assert multihost.initialize()
 try:
@@ -84,10 +84,10 @@ try:
             if jax.process_index() == 0:
                 raise OSError(28, "No space left on device")
     else:  # an export whose directory process 0 cannot create, of weights sharded over both processes
-        from slayer_jax.config import ModelConfig
+        from slayer_jax.modeling.config import ModelConfig
         from slayer_jax.io.hf import save_hf
-        from slayer_jax.model import init_params
-        from slayer_jax.sharding import make_mesh, param_shardings
+        from slayer_jax.modeling.model import init_params
+        from slayer_jax.parallel.sharding import make_mesh, param_shardings
 
         cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=8)
@@ -119,9 +119,7 @@ def test_a_failure_on_process_0_alone_stops_every_process_with_its_line(tmp_path
 # ----------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tiny_tok import make_exported_model
-
-    from tiny_tok import copy_json_corpus
+    from tiny_tok import copy_json_corpus, make_exported_model
 
     work = tmp_path_factory.mktemp("multihost")
     make_exported_model(work / "model", layers=4)
@@ -210,7 +208,7 @@ def test_two_processes_export_loads_in_transformers_with_the_same_logits(setup):
     from transformers import AutoModelForCausalLM
 
     from slayer_jax.io.hf import load_hf
-    from slayer_jax.model import forward
+    from slayer_jax.modeling.model import forward
 
     two = setup / "two_fsdp4_memory" / "hf"
     if not two.exists():

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from slayer_jax import data as D
-from slayer_jax import prepare as P
 from slayer_jax.cli import main
+from slayer_jax.data import prepare as P
+from slayer_jax.data.training_data import open_training_data
 from slayer_jax.errors import SlayerError
-from slayer_jax.training_data import open_training_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import CHAT, CHATML
@@ -88,7 +88,7 @@ def test_round_trip_matches_in_memory_tokenisation(env):
     masks = [rng.integers(0, 2, t.size) for t in toks]
     for lm in (None, masks):
         small = D.Documents.from_token_lists(toks, 48, loss_masks=lm)
-        raw = list(D._packed_rows(small, order=D.grain_range(len(small)), seed=0, shuffle_bins=False,
+        raw = list(D.pipeline._packed_rows(small, order=D.grain_range(len(small)), seed=0, shuffle_bins=False,
                                   packing_bins=4)._parent)  # the packer's own rows
         recs = [P.encode_packed(r, False, lm is not None) for r in raw]
         ref = [D.packed_row(r) for r in raw]

@@ -24,9 +24,7 @@ CONFIG = str(REPO / "configs" / "smollm2_slayer.py")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from tiny_tok import make_exported_model
-
-    from tiny_tok import copy_json_corpus
+    from tiny_tok import copy_json_corpus, make_exported_model
 
     work = tmp_path_factory.mktemp("record")
     make_exported_model(work / "model", layers=4)
@@ -137,7 +135,7 @@ def test_tensorboard_keeps_evaluation_apart_from_the_step(base):
 
 
 def test_train_help_lists_every_config_key(capsys):
-    from slayer_jax.configs import base_config
+    from slayer_jax.training.configs import base_config
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])

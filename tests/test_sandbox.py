@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from slayer_jax import sandbox
+from slayer_jax.evaluation import sandbox
 
 CAPS = sandbox.capabilities()
 FULL = CAPS["mode"] == "namespaces+uid"

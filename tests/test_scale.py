@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from slayer_jax.configs import load_config_file
 from slayer_jax.errors import SlayerError
+from slayer_jax.training.configs import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -37,7 +37,7 @@ def test_bad_overrides_are_clear_errors(override, match):
 
 
 def test_mesh_must_divide_devices():
-    from slayer_jax.sharding import make_mesh
+    from slayer_jax.parallel.sharding import make_mesh
 
     with pytest.raises(SlayerError, match="does not divide the 8 devices"):
         make_mesh("data=3,fsdp=-1")
@@ -62,7 +62,7 @@ def _independent_bytes(tree, specs, mesh_shape):
 
 
 def test_plan_llama2_7b_memory_table_is_the_sum_of_shards():
-    from slayer_jax.aot import plan_memory
+    from slayer_jax.training.aot import plan_memory
 
     c = load_config_file(REPO / "configs" / "slayer_llama2_7b.py")
     mesh = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -89,7 +89,7 @@ def test_the_plan_names_what_collective_matmuls_can_add():
     keep one [tokens, q + k + v + 2 x intermediate] output buffer per layer live at once: the plan
     prints that bound beside its total. With it the Llama-2-7B S strategy may not fit a v5e-8 (the
     compiler refuses it: CompileTimeHbmOom); a v5p-8 fits either way; without FSDP there is none."""
-    from slayer_jax.aot import format_plan, plan_memory
+    from slayer_jax.training.aot import format_plan, plan_memory
 
     c = load_config_file(REPO / "configs" / "slayer_llama2_7b.py")
     v5e = plan_memory(c, None, "v5litepod-8")
@@ -105,7 +105,7 @@ def test_the_plan_names_what_collective_matmuls_can_add():
 def test_plan_compiles_on_simulated_8_device_mesh():
     """The real step, lowered and compiled with the recipe's shardings (reduced to 4 original
     layers of full 7B width so the compile fits this machine)."""
-    from slayer_jax.aot import compile_for_mesh
+    from slayer_jax.training.aot import compile_for_mesh
 
     c = load_config_file(REPO / "configs" / "slayer_llama2_7b.py", ["--config.grad_accum=128"])
     info = compile_for_mesh(c, "data=2,fsdp=2,tensor=2", num_layers=4)
@@ -154,8 +154,8 @@ def tiny_run(tmp_path_factory):
 
 def test_slayer_plan_compiles_the_step_slayer_train_runs(tiny_run):
     """The same builder makes both: equal StableHLO fingerprints for the same config and mesh."""
-    from slayer_jax.aot import compile_plan
-    from slayer_jax.train import run
+    from slayer_jax.training.aot import compile_plan
+    from slayer_jax.training.train import run
 
     summary = run(tiny_run)
     info = compile_plan(tiny_run, "fsdp=4", "h100-80gb", target="cpu")
@@ -168,7 +168,7 @@ def test_slayer_plan_compiles_the_step_slayer_train_runs(tiny_run):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None, reason="needs libtpu (the [tpu] extra)")
 def test_slayer_plan_compiles_for_a_real_tpu_topology(tiny_run):
-    from slayer_jax.aot import compile_plan
+    from slayer_jax.training.aot import compile_plan
 
     c = tiny_run.copy_and_resolve_references()
     c.data.seq_len = 512  # a multiple of the splash kernel's 128-token blocks
@@ -195,7 +195,7 @@ def test_slayer_plan_compiles_for_a_real_tpu_topology(tiny_run):
 def test_the_plan_estimate_is_within_25_percent_of_the_tpu_compiler(override):
     """The quick analytic count against the TPU compiler's per-chip total for the same step
     (SmolLM2 widths, 6 original layers, 512 tokens, v5p-8, splash attention)."""
-    from slayer_jax.aot import compile_plan, plan_memory
+    from slayer_jax.training.aot import compile_plan, plan_memory
 
     c = load_config_file(REPO / "configs" / "smollm2_slayer.py", ["--config.batch_size=8", "--config.data.seq_len=512",
                                                                   "--config.model_config=smollm2_135m", *override])

@@ -1,7 +1,7 @@
 """Loading weights straight into their shards: ``SafetensorsFile.read_slice`` and ``load_any(mesh=...)``.
 
 References: ``read()[index]`` for slices (and a counting file wrapper for the bytes read); the
-plain, unsharded load for values; ``slayer_jax.sharding.param_shardings`` for placement; two
+plain, unsharded load for values; ``slayer_jax.parallel.sharding.param_shardings`` for placement; two
 JAX processes (``jax.distributed``) over 2 simulated CPU devices each for the multi-host case.
 """
 
@@ -23,8 +23,8 @@ from slayer_jax.errors import SlayerError
 from slayer_jax.io import load_any
 from slayer_jax.io import safetensors_stream as st
 from slayer_jax.io.hf import load_hf
-from slayer_jax.model import expected_shapes
-from slayer_jax.sharding import make_mesh, param_shardings
+from slayer_jax.modeling.model import expected_shapes
+from slayer_jax.parallel.sharding import make_mesh, param_shardings
 
 REPO = Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -173,7 +173,7 @@ def test_load_hf_with_mesh_places_role_shards(tmp_path, mesh, variant, dtype):
 def test_load_any_with_mesh_from_checkpoint_and_gguf(tmp_path, mesh):
     from test_gguf import make_torch_llama, write_llama_gguf
 
-    from slayer_jax.checkpoint import save_model
+    from slayer_jax.io.checkpoint import save_model
 
     d = write_tiny_hf(tmp_path / "hf", "rope_linear_biases")
     plain, cfg, _ = load_any(d, dtype="float32")
@@ -212,7 +212,7 @@ import hashlib, json, sys
 import jax
 import numpy as np
 
-from slayer_jax.multihost import initialize
+from slayer_jax.parallel.multihost import initialize
 
 assert initialize()  # from the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID the launcher sets
 hf_dir, out = sys.argv[1], sys.argv[2].format(jax.process_index())
@@ -220,7 +220,7 @@ assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_de
 
 from slayer_jax.io import load_any
 from slayer_jax.io import safetensors_stream as st
-from slayer_jax.sharding import make_mesh
+from slayer_jax.parallel.sharding import make_mesh
 
 read = [0]
 real = st.SafetensorsFile._pread

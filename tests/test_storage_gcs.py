@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slayer_jax import storage
+from slayer_jax.io import storage
 
 
 @pytest.fixture(autouse=True)
@@ -246,10 +246,10 @@ def test_slayer_train_with_a_gs_workdir_resumes_and_exports(gcs_dir, tmp_path, m
     import sys
 
     from safetensors.numpy import load_file
+    from tiny_tok import make_exported_model
 
     from slayer_jax.io import load_any
     from slayer_jax.io.hf import save_hf
-    from tiny_tok import make_exported_model
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
@@ -312,8 +312,9 @@ def test_slayer_train_with_a_gs_workdir_resumes_and_exports(gcs_dir, tmp_path, m
 def test_prepared_corpus_written_to_and_read_from_gs(gcs_dir, tmp_path, monkeypatch):
     """`slayer data prepare --out gs://...` uploads the same files a local prepare writes, and a
     gs:// data.source reads the same rows (fetched once into the cache)."""
-    from slayer_jax import prepare as P
     from tiny_tok import corpus, make_tokenizer
+
+    from slayer_jax.data import prepare as P
 
     monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "corpus.jsonl"
@@ -337,9 +338,9 @@ def test_convert_to_a_gs_checkpoint_and_export_from_it(gcs_dir, tmp_path, monkey
     """`slayer convert --to checkpoint --out gs://...`, then `slayer export gs://... DIR`: the same
     weights as a local round trip; an existing gs:// output is refused without --overwrite."""
     from safetensors.numpy import load_file
+    from tiny_tok import make_exported_model
 
     from slayer_jax.cli import main
-    from tiny_tok import make_exported_model
 
     monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
     model = make_exported_model(tmp_path / "model", layers=2)
@@ -352,8 +353,9 @@ def test_convert_to_a_gs_checkpoint_and_export_from_it(gcs_dir, tmp_path, monkey
 
 
 def test_a_raw_gs_corpus_tokenises_like_the_local_file(gcs_dir, tmp_path, monkeypatch):
-    from slayer_jax.data import make_dataset
     from tiny_tok import corpus, make_tokenizer
+
+    from slayer_jax.data import make_dataset
 
     monkeypatch.setenv("SLAYER_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "corpus.jsonl"

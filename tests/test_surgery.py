@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from tiny_hf import hf_logits, make_hf_model
 
 from slayer_jax import surgery
-from slayer_jax.config import ModelConfig
 from slayer_jax.io.hf import load_hf, save_hf
-from slayer_jax.model import forward, init_params
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.model import forward, init_params
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=8, attention_bias=True, mlp_bias=True)
@@ -223,8 +223,8 @@ def test_smollm2_identity_expansion(smollm2_dir, init):
 def test_config_plan_init_follows_the_kind(tiny, kind):
     """With no init key set, a recipe's uniform plan (LLaMA Pro) copies the layer it follows, bit for
     bit, and a shallow plan (S strategy) averages it with its successor."""
-    from slayer_jax.configs import base_config
-    from slayer_jax.train import build_plan
+    from slayer_jax.training.configs import base_config
+    from slayer_jax.training.train import build_plan
 
     c = base_config()
     c.plan.kind, c.plan.expand = kind, 2

@@ -135,8 +135,8 @@ def test_sigkill_and_resume_is_bit_identical(tiny_setup, reference):
 def test_epochs_key_and_the_run_says_what_it_will_do(tiny_setup, capsys):
     import math
 
-    from slayer_jax import train as train_mod
-    from slayer_jax.configs import load_config_file
+    from slayer_jax.training import train as train_mod
+    from slayer_jax.training.configs import load_config_file
 
     work = tiny_setup
     cfg = load_config_file(REPO / "configs" / "smollm2_slayer.py", overrides(
@@ -159,10 +159,10 @@ def test_epochs_key_and_the_run_says_what_it_will_do(tiny_setup, capsys):
 
 
 def test_resume_into_other_plan_is_refused_and_nan_stops(tiny_setup):
-    from slayer_jax import train as train_mod
-    from slayer_jax.checkpoint import TrainCheckpointer
-    from slayer_jax.configs import load_config_file
     from slayer_jax.errors import SlayerError
+    from slayer_jax.io.checkpoint import TrainCheckpointer
+    from slayer_jax.training import train as train_mod
+    from slayer_jax.training.configs import load_config_file
 
     work = tiny_setup
     cfg = load_config_file(REPO / "configs" / "smollm2_slayer.py", overrides(work, "nan", steps=2, batch_size=8,
@@ -193,7 +193,7 @@ SAVE_CHILD = r'''
 import sys
 import grain
 import jax.numpy as jnp
-from slayer_jax.checkpoint import TrainCheckpointer
+from slayer_jax.io.checkpoint import TrainCheckpointer
 ck = TrainCheckpointer(sys.argv[1], keep=3, async_save=False)
 meta = {"plan": "p", "base_hash": "h"}
 loader = iter(grain.MapDataset.range(100).to_iter_dataset())
@@ -213,7 +213,7 @@ def test_save_killed_mid_write_leaves_previous_checkpoint_restorable(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from slayer_jax.checkpoint import TrainCheckpointer
+    from slayer_jax.io.checkpoint import TrainCheckpointer
 
     caught = False
     for attempt, mib in enumerate((256, 1024)):  # a bigger write if the first one finished before the kill

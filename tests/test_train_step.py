@@ -8,11 +8,21 @@ import numpy as np
 import pytest
 
 from slayer_jax import surgery
-from slayer_jax.config import ModelConfig
-from slayer_jax.model import init_params
-from slayer_jax.sharding import batch_sharding, make_mesh, param_shardings
-from slayer_jax.train import (OptimConfig, StepConfig, compile_step, init_state, make_optimizer, merge_params,
-                              split_params, train_step, tree_bytes, tree_size)
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.model import init_params
+from slayer_jax.parallel.sharding import batch_sharding, make_mesh, param_shardings
+from slayer_jax.training.train import (
+    OptimConfig,
+    StepConfig,
+    compile_step,
+    init_state,
+    make_optimizer,
+    merge_params,
+    split_params,
+    train_step,
+    tree_bytes,
+    tree_size,
+)
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16)

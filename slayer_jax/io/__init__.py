@@ -14,15 +14,15 @@ def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
     The special name ``default`` is the default model (SmolLM2-135M-Instruct, cached).
     dtype: cast the weights to this dtype (default: the stored dtype; float32 for GGUF).
     mesh: a ``jax.sharding.Mesh``: every leaf is a global ``jax.Array`` placed with its role
-        sharding (:func:`slayer_jax.sharding.param_shardings`), and each process reads only
+        sharding (:func:`slayer_jax.parallel.sharding.param_shardings`), and each process reads only
         what its own devices need (HF safetensors: the stored rows of its shards; slayer
         checkpoints: its shards; a GGUF file is dequantised whole on each host). Every process of a multi-host job must call it."""
     src = str(src)
     if src == "default":
-        from slayer_jax.assets import default_model_dir
+        from slayer_jax.io.assets import default_model_dir
 
         src = str(default_model_dir())
-    from slayer_jax import storage
+    from slayer_jax.io import storage
 
     if storage.is_remote(src):  # gs://: fetched once into the local cache, then read like a local dir
         path = storage.cached_copy(src)
@@ -38,7 +38,7 @@ def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
         from slayer_jax.io.gguf import load_gguf
 
         return load_gguf(path, dtype=dtype, mesh=mesh)
-    from slayer_jax.checkpoint import is_model_checkpoint, load_model
+    from slayer_jax.io.checkpoint import is_model_checkpoint, load_model
 
     if is_model_checkpoint(path):
         return load_model(path, dtype=dtype, mesh=mesh)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax.config import ConfigError, ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import Params, as_dtype, expected_shapes
+from slayer_jax.modeling.config import ConfigError, ModelConfig
+from slayer_jax.modeling.model import Params, as_dtype, expected_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # GGUF tensor suffix under blk.N. -> (our module, our leaf, transposed).
@@ -311,7 +311,7 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, me
     dtype: dtype of the returned arrays (default float32; every tensor is dequantised to fp32 first).
     tokenizer: also build the ``PreTrainedTokenizerFast`` from the file's metadata.
     mesh: place every leaf as a global ``jax.Array`` with its role sharding
-        (:func:`slayer_jax.sharding.param_shardings`); each tensor is still dequantised whole on
+        (:func:`slayer_jax.parallel.sharding.param_shardings`); each tensor is still dequantised whole on
         the host (GGUF models here are small), but only the local shards go to devices.
     shardings: instead of ``mesh``'s role rules, a tree of shardings shaped like the params.
     """
@@ -333,7 +333,7 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, me
 
     want = expected_shapes(cfg, n_layers)
     if shardings is None and mesh is not None:
-        from slayer_jax.sharding import param_shardings
+        from slayer_jax.parallel.sharding import param_shardings
 
         shardings = param_shardings(want, mesh)
     params: Params = {"embed": {}, "layers": [{} for _ in range(n_layers)], "norm": {}}

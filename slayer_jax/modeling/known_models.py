@@ -5,7 +5,7 @@ Values are the ``config.json`` fields of the public checkpoints named in each ke
 
 from __future__ import annotations
 
-from slayer_jax.config import ModelConfig
+from slayer_jax.modeling.config import ModelConfig
 
 _LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,

@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: F401  (re-exported)
-from slayer_jax.attention import attention, attention_mask, platform_of, resolve_backend, xla_attention
-from slayer_jax.config import ModelConfig
-from slayer_jax.layout import STACKED, is_stacked, run_length
+from slayer_jax.modeling.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: F401  (re-exported)
+from slayer_jax.modeling.attention import attention, attention_mask, platform_of, resolve_backend, xla_attention
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.layout import STACKED, is_stacked, run_length
 
 Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -96,7 +96,7 @@ def apply_rope(x_BxTxNxDh: jax.Array, cos_BxTxDh: jax.Array, sin_BxTxDh: jax.Arr
     return x_BxTxNxDh * cos_BxTxDh[:, :, None, :] + rotated * sin_BxTxDh[:, :, None, :]
 
 
-# The mask and the reference einsum attention live in slayer_jax.attention (with the kernel
+# The mask and the reference einsum attention live in slayer_jax.modeling.attention (with the kernel
 # backends); this name stays for the benches (bench/train_step_probe.py swaps it).
 dot_product_attention = xla_attention
 
@@ -146,7 +146,7 @@ def self_attention(cfg: ModelConfig, dtype: Any, mask_BxTxS, positions_BxT=None,
                    backend: str = "xla", mesh: Any = None):
     """The "train" mode's attend for :func:`block`: the T tokens among themselves, no cache.
 
-    backend: the :func:`slayer_jax.attention.attention` backend. "xla" reads ``mask_BxTxS``, any
+    backend: the :func:`slayer_jax.modeling.attention.attention` backend. "xla" reads ``mask_BxTxS``, any
     [B, T, S] mask; a kernel backend ("splash", "cudnn", "auto") reads ``positions_BxT`` and
     ``segment_ids_BxT`` instead (``mask_BxTxS`` may then be None). mesh: the ("data", "fsdp",
     "tensor") mesh the kernel runs per shard of (None: unsharded).
@@ -164,7 +164,7 @@ def run_layers(layers: list, x_BxTxD, step, caches: list | None = None, collect:
     """The layer loop of every mode: x through each entry of ``layers`` in order.
 
     step(layer, x, cache) -> (x, cache) runs one block; ``caches`` is one entry per layer (its KV
-    cache) or None. An entry that is a stacked run of k layers (:mod:`slayer_jax.layout`) runs as
+    cache) or None. An entry that is a stacked run of k layers (:mod:`slayer_jax.modeling.layout`) runs as
     ``jax.lax.scan`` of the same step (its k caches stacked for the scan).
     Returns (x, the new caches or None, and if ``collect`` the residual states: entry l is layer
     l's input, the last one the last layer's output).
@@ -246,7 +246,7 @@ def forward(
     """Logits [B, T, V] (float32) for any ``len(params["layers"])``.
 
     An entry of ``params["layers"]`` is one layer's dict, or a stacked run of identical layers
-    (:mod:`slayer_jax.layout`'s scan layout, leaves with a leading axis k), run as ``jax.lax.scan``
+    (:mod:`slayer_jax.modeling.layout`'s scan layout, leaves with a leading axis k), run as ``jax.lax.scan``
     of the same block (same remat policy and activation constraint per layer).
 
     positions_BxT: per-token RoPE positions (default 0..T-1; restart per packed document).
@@ -255,12 +255,12 @@ def forward(
     dtype: compute dtype. Parameters keep their own dtype (e.g. fp32 masters) and are cast.
     remat: None/"none", "full" or "save_dots", applied per block.
     final_hidden: return only the last layer's output [B, T, D] (before the final norm), no
-        logits: the chunked loss (:mod:`slayer_jax.loss`) takes it from there.
+        logits: the chunked loss (:mod:`slayer_jax.modeling.loss`) takes it from there.
     return_hidden: also return the list of residual-stream states, entry l being layer l's
         input and entry L the last layer's output (before the final norm).
     act_sharding: optional sharding for the [B, T, D] residual stream, applied as a
         constraint after the embedding and after every block (batch over data+fsdp).
-    attention: the attention backend, one of :data:`slayer_jax.attention.BACKENDS`: "auto"
+    attention: the attention backend, one of :data:`slayer_jax.modeling.attention.BACKENDS`: "auto"
         (splash on TPU, cuDNN on GPU for bf16/fp16, xla elsewhere or where the kernel cannot take
         the shapes), "xla", "splash" or "cudnn". Kernels run per shard of ``act_sharding``'s mesh.
     """

@@ -21,11 +21,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from slayer_jax.config import ModelConfig, load_config
 from slayer_jax.errors import SlayerError
-from slayer_jax.sharding import AXES, opt_state_specs, param_specs, parse_mesh
+from slayer_jax.modeling.config import ModelConfig, load_config
+from slayer_jax.parallel.sharding import AXES, opt_state_specs, param_specs, parse_mesh
 
 # Per chip: HBM, dense bf16 peak FLOP/s. TPU names are gcloud accelerator types: v4-N and v5p-N
 # count TensorCores (2 per chip), v5litepod-N and v6e-N count chips. GPUs: one device each.
@@ -90,7 +91,7 @@ def model_config_of(c) -> tuple[ModelConfig, int]:
     directory, else ``model_config`` (a known name)."""
     from pathlib import Path
 
-    from slayer_jax.known_models import known_config
+    from slayer_jax.modeling.known_models import known_config
 
     path = Path(str(c.model))
     if path.is_dir() and (path / "config.json").exists():  # the model's own config wins: it is what trains
@@ -107,8 +108,8 @@ def model_config_of(c) -> tuple[ModelConfig, int]:
 def abstract_run(c, num_layers: int | None = None):
     """Shapes of (trainable, frozen, mask, layer_map, cfg) for config ``c``, without weights."""
     from slayer_jax import surgery
-    from slayer_jax.model import expected_shapes
-    from slayer_jax.train import build_plan, split_params
+    from slayer_jax.modeling.model import expected_shapes
+    from slayer_jax.training.train import build_plan, split_params
 
     cfg, L = model_config_of(c)
     pc = c.plan
@@ -127,7 +128,7 @@ def abstract_run(c, num_layers: int | None = None):
     trainable, frozen = split_params(abstract, mask)
     fdt = c.get("frozen_dtype", "") or None
     if fdt:
-        from slayer_jax.model import as_dtype
+        from slayer_jax.modeling.model import as_dtype
 
         frozen = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, as_dtype(fdt)), frozen)
     return trainable, frozen, mask, lmap, cfg
@@ -214,7 +215,7 @@ def mesh_for(mesh_spec: str | None, acc: dict[str, Any]) -> dict[str, int]:
 
 
 def plan_memory(c, mesh_spec: str, device: str, num_layers: int | None = None) -> dict[str, Any]:
-    from slayer_jax.train import OptimConfig, init_state, make_optimizer
+    from slayer_jax.training.train import OptimConfig, init_state, make_optimizer
 
     acc = accelerator(device)
     shape = mesh_for(mesh_spec, acc)
@@ -288,7 +289,7 @@ def collective_matmul_bytes(cfg: ModelConfig, lmap: list, rows: int, seq_len: in
 
 def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None = None,
                  target: str = "auto") -> dict[str, Any]:
-    """Lower and compile the step ``slayer train`` runs (:func:`slayer_jax.train.build_step`) for the
+    """Lower and compile the step ``slayer train`` runs (:func:`slayer_jax.training.train.build_step`) for the
     target's devices, and report the compiler's own figures.
 
     ``target``: ``tpu`` compiles for the real TPU topology of ``device`` through libtpu's deviceless
@@ -298,8 +299,8 @@ def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None =
     (arguments, temporaries, outputs), FLOPs, and for TPUs ``optimal_seconds`` and the MFU it implies."""
     import importlib.util
 
-    from slayer_jax.sharding import make_mesh
-    from slayer_jax.train import build_step, flops_per_token, hlo_fingerprint
+    from slayer_jax.parallel.sharding import make_mesh
+    from slayer_jax.training.train import build_step, flops_per_token, hlo_fingerprint
 
     acc = accelerator(device)
     shape = mesh_for(mesh_spec, acc)

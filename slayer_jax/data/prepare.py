@@ -50,11 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-from slayer_jax import data as D
-from slayer_jax.assets import _sha256  # one file hash for the project
-from slayer_jax.data import PackStats, separator_id
+from slayer_jax.data import pipeline
+from slayer_jax.data.pipeline import PackStats
+from slayer_jax.data.tokens import separator_id
 from slayer_jax.errors import SlayerError
-from slayer_jax.storage import staging_path
+from slayer_jax.io.assets import _sha256  # one file hash for the project
+from slayer_jax.io.storage import staging_path
 
 FORMAT = "slayer-prepared-rows"
 FORMAT_VERSION = 1
@@ -144,7 +145,7 @@ def load_tokenizer_arg(name: str):
 
     src = str(name)
     if src == "default":
-        from slayer_jax.assets import default_model_dir
+        from slayer_jax.io.assets import default_model_dir
 
         src = str(default_model_dir())
     path = Path(src).expanduser()
@@ -231,7 +232,8 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     packer's open rows and the shuffle's index, never the corpus."""
     import grain
 
-    from slayer_jax import __version__, storage
+    from slayer_jax import __version__
+    from slayer_jax.io import storage
 
     if storage.is_remote(out):  # gs://: written locally, then uploaded (array_record writes local files)
         import tempfile
@@ -267,15 +269,15 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     T, n_shards = int(seq_len), int(shards)
     vocab = max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
     wide = vocab > 65536
-    sep_id = None if mode == "sft" else D.separator_id(tokenizer, separator)  # a bad separator fails before any work
+    sep_id = None if mode == "sft" else separator_id(tokenizer, separator)  # a bad separator fails before any work
     tmp = staging_path(out)
     try:
         (tmp / "_pieces").mkdir(parents=True)
         # (1) the one tokenisation, streamed into piece shards
-        stats = D.PackStats(seq_len=T)
+        stats = PackStats(seq_len=T)
         pw = _Writers([tmp / "_pieces" / n for n in _shard_names("pieces", n_shards)])
         try:
-            for toks, mask in D.iter_pieces(source, tokenizer, T, stats=stats, mode=mode, field=field, split=split,
+            for toks, mask in pipeline.iter_pieces(source, tokenizer, T, stats=stats, mode=mode, field=field, split=split,
                                             add_bos=add_bos, separator=separator, long_docs=long_docs,
                                             progress=progress):
                 if not wide and toks.size and int(toks.max()) > 65535:
@@ -296,11 +298,11 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
 
         order = grain.MapDataset.range(n_pieces)
         if shuffle:
-            order = order.shuffle(seed=D._grain_seed(seed))
+            order = order.shuffle(seed=pipeline._grain_seed(seed))
         packed = grain.experimental.BestFitPackIterDataset(
             order.map(element).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
             length_struct={"inputs": T, "mask": T}, num_packing_bins=int(packing_bins),
-            seed=D._grain_seed(seed), shuffle_bins=shuffle)
+            seed=pipeline._grain_seed(seed), shuffle_bins=shuffle)
         names = _shard_names("rows", n_shards)
         rw = _Writers([tmp / n for n in names])
         digest = hashlib.sha256(f"{FORMAT}/{T}/{mode}".encode())
@@ -355,7 +357,7 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
 def is_prepared(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory written by :func:`prepare_corpus`."""
     try:
-        from slayer_jax import storage
+        from slayer_jax.io import storage
 
         if storage.is_remote(path):
             return (storage.as_path(path) / MANIFEST).exists()
@@ -394,7 +396,7 @@ class PreparedCorpus:
     def __init__(self, path: str | os.PathLike):
         import grain
 
-        from slayer_jax import storage
+        from slayer_jax.io import storage
 
         # gs://: fetched once per host into the cache (array_record reads local files). For a corpus
         # larger than a host's disk, mount the bucket with gcsfuse and give the mount path instead.

@@ -17,13 +17,14 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from slayer_jax.errors import SlayerError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # activations: batch is split over both data-parallel axes
-# A run of k layers stored as one entry (slayer_jax.layout's scan layout): its leaves gain a leading
+# A run of k layers stored as one entry (slayer_jax.modeling.layout's scan layout): its leaves gain a leading
 # [k] axis, never split; the rest of the spec is the layers' own, by role.
 STACKED = "stacked"
 
@@ -88,7 +89,7 @@ def _role_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     rule = RULES.get(role, {}).get(leaf)
     if rule is None:
         raise SlayerError(f"sharding: no rule for parameter role '{role}/{leaf}' "
-                          f"(at {jax.tree_util.keystr(path)}); add one to slayer_jax.sharding.RULES")
+                          f"(at {jax.tree_util.keystr(path)}); add one to slayer_jax.parallel.sharding.RULES")
     stacked = STACKED in keys  # stacked layers: the layer's spec behind an unsplit leading axis
     if stacked:
         shape = shape[1:]

@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a recipe may set, with the small-CPU defaults. Recipes start from this."""
     c = ml_collections.ConfigDict()
     c.model = "default"  # HF dir, .gguf, slayer checkpoint, or "default" (SmolLM2-135M-Instruct)
-    c.model_config = ""  # a slayer_jax.known_models name, for `slayer plan` without weights
+    c.model_config = ""  # a slayer_jax.modeling.known_models name, for `slayer plan` without weights
     c.workdir = "runs/run"
     c.export_dir = ""  # HF export at the end ("" = none)
     c.seed = 0
@@ -27,8 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.frozen_dtype = ""  # "" = fp32; "bfloat16" halves frozen-weight memory (they have no master copy)
     c.remat = "none"  # none | full | save_dots
     c.attention = "auto"  # auto (splash on TPU, cuDNN on GPU for bf16, xla elsewhere) | xla | splash | cudnn
-    c.loss_chunk = 0  # > 0: cross-entropy over vocabulary chunks of this size, never [B, T, V] logits (slayer_jax.loss)
-    c.scan_layers = False  # scan runs of identical frozen layers (slayer_jax.layout): smaller HLO, same results
+    c.loss_chunk = 0  # > 0: cross-entropy over vocabulary chunks of this size, never [B, T, V] logits (slayer_jax.modeling.loss)
+    c.scan_layers = False  # scan runs of identical frozen layers (slayer_jax.modeling.layout): smaller HLO, same results
     c.mesh = "data=-1"  # data=..,fsdp=..,tensor=..; one axis may be -1
     c.num_devices = 0  # 0 = every device; N = the mesh uses the first N (e.g. 1 for a CPU demo)
     c.full_finetune = False
@@ -120,7 +120,7 @@ def paper_scale(c: ml_collections.ConfigDict, name: str, model: str, model_confi
 
 def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
     """Checks that need no weights and no devices: one-line errors naming the key."""
-    from slayer_jax.sharding import parse_mesh
+    from slayer_jax.parallel.sharding import parse_mesh
 
     for key, ok, want in (
         ("steps", int(c.steps) > 0, "a positive integer"),
@@ -156,8 +156,8 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
     if sum(v == -1 for v in mesh.values()) > 1 or any(v == 0 or v < -1 for v in mesh.values()):
         raise SlayerError(f"{source}: config key 'mesh' is {c.mesh!r}; expected positive sizes, at most one -1")
     if c.plan.kind != "none":
-        from slayer_jax.aot import model_config_of
-        from slayer_jax.train import build_plan
+        from slayer_jax.training.aot import model_config_of
+        from slayer_jax.training.train import build_plan
 
         try:
             _, L = model_config_of(c)

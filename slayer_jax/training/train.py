@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slayer_jax.config import ModelConfig
-from slayer_jax.loss import loss_sums_from_hidden, token_nll  # noqa: F401 -- token_nll: one implementation (loss.py)
-from slayer_jax.layout import FrozenLayoutStep, merge_for_forward, scan_runs, to_scan_layout
-from slayer_jax.model import Params, as_dtype, forward
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.layout import FrozenLayoutStep, merge_for_forward, scan_runs, to_scan_layout
+from slayer_jax.modeling.loss import loss_sums_from_hidden, token_nll  # noqa: F401 -- token_nll: one implementation (loss.py)
+from slayer_jax.modeling.model import Params, as_dtype, forward
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: int32 [B, T]; weights: f32 [B, T]
 
@@ -95,13 +95,13 @@ class StepConfig:
     dtype: str = "float32"
     remat: str | None = None
     grad_accum: int = 1
-    attention: str = "auto"  # slayer_jax.attention.BACKENDS: splash on TPU, cuDNN on GPU (bf16), xla elsewhere
+    attention: str = "auto"  # slayer_jax.modeling.attention.BACKENDS: splash on TPU, cuDNN on GPU (bf16), xla elsewhere
     loss_chunk: int = 0  # vocabulary columns per step of the chunked loss; 0 = full logits
 
 
 def loss_sums(trainable: Params, frozen: Params, batch: Batch, sc: StepConfig, act_sharding=None):
     """(sum of weighted token NLL, sum of weights) for one (micro)batch."""
-    params = merge_for_forward(trainable, frozen)  # frozen in the list or the scan layout (slayer_jax.layout)
+    params = merge_for_forward(trainable, frozen)  # frozen in the list or the scan layout (slayer_jax.modeling.layout)
     x = forward(params, batch["inputs"], sc.cfg, batch["positions"], batch["segment_ids"], dtype=as_dtype(sc.dtype),
                 remat=sc.remat, act_sharding=act_sharding, attention=sc.attention, final_hidden=True)
     return loss_sums_from_hidden(x, params, sc.cfg, batch["targets"], batch["weights"], as_dtype(sc.dtype),
@@ -199,7 +199,7 @@ def build_step(c, cfg: ModelConfig, mesh, trainable, frozen, total_steps: int) -
     their shapes and dtypes are read."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from slayer_jax.sharding import batch_sharding, opt_state_specs, param_shardings, param_specs
+    from slayer_jax.parallel.sharding import batch_sharding, opt_state_specs, param_shardings, param_specs
 
     ocfg = OptimConfig(total_steps=int(total_steps), **{k: v for k, v in c.optim.items()})
     tx = make_optimizer(ocfg)
@@ -216,7 +216,7 @@ def build_step(c, cfg: ModelConfig, mesh, trainable, frozen, total_steps: int) -
     sc = StepConfig(cfg, dtype=c.dtype, remat=(c.get("remat", None) or None), grad_accum=int(c.get("grad_accum", 1)),
                     attention=c.get("attention", "auto") or "auto", loss_chunk=int(c.get("loss_chunk", 0) or 0))
     # The step reads the frozen tree in the scan layout (runs of identical frozen layers stacked, one
-    # loop body each: slayer_jax.layout); frozen_shardings stay the list layout's, the interface.
+    # loop body each: slayer_jax.modeling.layout); frozen_shardings stay the list layout's, the interface.
     runs = scan_runs(frozen["layers"]) if c.get("scan_layers", False) else ()
     step_fr_sh = param_shardings(to_scan_layout(jax.eval_shape(lambda t: t, frozen), runs), mesh) if runs else fr_sh
     step = FrozenLayoutStep(compile_step(sc, tx, st_sh, step_fr_sh, b_sh, act_sh), runs, step_fr_sh, fr_sh)
@@ -351,7 +351,7 @@ class RunLogs:
     def __init__(self, workdir, start: int):
         import json
 
-        from slayer_jax import storage
+        from slayer_jax.io import storage
 
         workdir.mkdir(parents=True, exist_ok=True)
         self.metrics = storage.LineLog(workdir / "metrics.jsonl")
@@ -412,13 +412,14 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     from tqdm.auto import tqdm
 
     from slayer_jax import data as data_lib
-    from slayer_jax.training_data import open_training_data
-    from slayer_jax import multihost, storage, surgery
-    from slayer_jax.checkpoint import TrainCheckpointer, tree_hash
+    from slayer_jax import surgery
+    from slayer_jax.data.training_data import open_training_data
     from slayer_jax.errors import SlayerError
-    from slayer_jax.io import load_any
+    from slayer_jax.io import load_any, storage
+    from slayer_jax.io.checkpoint import TrainCheckpointer, tree_hash
     from slayer_jax.io.hf import save_hf
-    from slayer_jax.sharding import batch_sharding, make_mesh
+    from slayer_jax.parallel import multihost
+    from slayer_jax.parallel.sharding import batch_sharding, make_mesh
 
     c = config
     multihost.initialize(c.get("distributed"))

@@ -43,11 +43,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax.config import ModelConfig
-from slayer_jax.errors import SlayerError
-from slayer_jax.model import Params, as_dtype, attention_mask, block, embed, rope_cos_sin, self_attention, unembed
 from slayer_jax import surgery
-from slayer_jax.loss import target_logprobs
+from slayer_jax.errors import SlayerError
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.loss import target_logprobs
+from slayer_jax.modeling.model import (
+    Params,
+    as_dtype,
+    attention_mask,
+    block,
+    embed,
+    rope_cos_sin,
+    self_attention,
+    unembed,
+)
 
 SAMPLES = Path(__file__).parent / "data_samples"
 SAMPLE_TEXT = SAMPLES / "english_text.jsonl"

@@ -207,7 +207,7 @@ def require_shared_dir(path, what: str = "workdir") -> None:
     """Every process must see the same ``path`` (checkpoints are written by all processes into one
     directory). Process 0 writes a token, every process looks for it, and all agree before any
     raises, so none is left waiting at a barrier."""
-    from slayer_jax.storage import as_path
+    from slayer_jax.io.storage import as_path
 
     path = as_path(path)
     if jax.process_count() == 1:

@@ -2,7 +2,7 @@
 corpora packed once by ``slayer data prepare``, one or a weighted mixture, behind one call.
 
 It sits above both :mod:`slayer_jax.data` (sources, packing, the grain loader) and
-:mod:`slayer_jax.prepare` (ArrayRecord corpora), which know nothing of each other's callers.
+:mod:`slayer_jax.data.prepare` (ArrayRecord corpora), which know nothing of each other's callers.
 """
 
 from __future__ import annotations
@@ -10,10 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from slayer_jax.data import Mixture, PackStats, default_packing_bins, make_dataset, make_loader, parse_sources, \
-    separator_id
+from slayer_jax.data import (
+    Mixture,
+    PackStats,
+    default_packing_bins,
+    make_dataset,
+    make_loader,
+    parse_sources,
+    separator_id,
+)
+from slayer_jax.data.prepare import PreparedCorpus, is_prepared
 from slayer_jax.errors import SlayerError
-from slayer_jax.prepare import PreparedCorpus, is_prepared
 
 
 @dataclasses.dataclass

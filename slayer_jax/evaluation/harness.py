@@ -1,7 +1,7 @@
 """An lm-evaluation-harness backend: our JAX model behind lm-eval's ``LM`` interface.
 
     import lm_eval
-    from slayer_jax.harness import SlayerLM, TASKS_DIR   # importing registers the model name "slayer"
+    from slayer_jax.evaluation.harness import SlayerLM, TASKS_DIR   # importing registers the model name "slayer"
 
     lm = SlayerLM(pretrained="path/to/hf_dir")            # or "default", a .gguf, a slayer checkpoint
     res = lm_eval.simple_evaluate(model=lm, tasks=["slayer_mcq"],
@@ -11,7 +11,7 @@
 It implements the three request types with lm-eval's own conventions (it subclasses
 ``TemplateLM``, so the context/continuation split is lm-eval's code):
 
-- ``loglikelihood``: :func:`slayer_jax.loglik.score_requests` (batched, left-truncated to
+- ``loglikelihood``: :func:`slayer_jax.evaluation.loglik.score_requests` (batched, left-truncated to
   ``max_length + 1`` tokens as the ``hf`` backend does);
 - ``loglikelihood_rolling``: lm-eval's rolling windows over ``max_length``;
 - ``generate_until``: :class:`slayer_jax.generate.Generator` (KV cache), with the request's
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.loglik import prefix_token_id, rolling_windows, score_requests
+from slayer_jax.evaluation.loglik import prefix_token_id, rolling_windows, score_requests
 
 try:
     from lm_eval.api.model import TemplateLM

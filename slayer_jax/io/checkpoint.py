@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from slayer_jax.config import ModelConfig, load_config
 from slayer_jax.errors import SlayerError
-from slayer_jax.model import Params
+from slayer_jax.modeling.config import ModelConfig, load_config
+from slayer_jax.modeling.model import Params
 
 PARAMS_DIR = "params"
 
@@ -37,7 +37,7 @@ def save_model(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: An
                extra_config: dict | None = None, overwrite: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
-    from slayer_jax import storage
+    from slayer_jax.io import storage
 
     if storage.is_remote(path):  # gs://: written locally, then uploaded
         import tempfile
@@ -75,11 +75,11 @@ def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
     """Returns (params, cfg, tokenizer_or_None) from a model checkpoint directory.
 
     mesh: restore every leaf as a global ``jax.Array`` with its role sharding
-    (:func:`slayer_jax.sharding.param_shardings`); orbax then reads only the local shards."""
+    (:func:`slayer_jax.parallel.sharding.param_shardings`); orbax then reads only the local shards."""
     import orbax.checkpoint as ocp
 
     from slayer_jax.io.hf import load_tokenizer
-    from slayer_jax.model import expected_shapes
+    from slayer_jax.modeling.model import expected_shapes
 
     path = Path(path).absolute()
     if not is_model_checkpoint(path):
@@ -97,7 +97,7 @@ def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
                                   f"({n_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
         shardings = {}
         if mesh is not None:
-            from slayer_jax.sharding import param_shardings
+            from slayer_jax.parallel.sharding import param_shardings
 
             shardings = {jax.tree_util.keystr(p): s
                          for p, s in jax.tree_util.tree_flatten_with_path(param_shardings(abstract, mesh))[0]}
@@ -136,7 +136,7 @@ def tree_hash(tree: Any) -> str:
     single-process value for the same weights."""
     import hashlib
 
-    from slayer_jax.multihost import replicated_value
+    from slayer_jax.parallel.multihost import replicated_value
 
     h = hashlib.sha256()
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -162,7 +162,6 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
-
         from etils import epath
 
         self.directory = epath.Path(directory if str(directory).startswith("gs://") else Path(directory).absolute())

@@ -11,8 +11,8 @@ where ``run`` is a layer dict whose leaves carry a leading axis k (the k consecu
 replaces, in order). A run is a maximal stretch of >= 2 consecutive *fully* frozen layers of equal
 structure (same keys, shapes and dtypes) -- e.g. the deep frozen tail of the S strategy and the
 "frozen, frozen" pairs between new blocks. Stacked leaves are sharded like their layers' leaves
-with a leading unsplit axis (:mod:`slayer_jax.sharding`, by the ``"stacked"`` key, never by layer
-index). :func:`slayer_jax.model.forward` runs a stacked entry as ``jax.lax.scan`` of the same block
+with a leading unsplit axis (:mod:`slayer_jax.parallel.sharding`, by the ``"stacked"`` key, never by layer
+index). :func:`slayer_jax.modeling.model.forward` runs a stacked entry as ``jax.lax.scan`` of the same block
 function; :func:`merge_for_forward` combines the list-layout trainable tree (``None`` where frozen)
 with a scan-layout frozen tree. Stacking inside the jitted step instead would copy the frozen
 weights every step.
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from slayer_jax.sharding import STACKED
+from slayer_jax.parallel.sharding import STACKED
 
 Params = dict[str, Any]
 Runs = tuple[tuple[int, int], ...]  # (first layer index, length) per stacked run, ascending
@@ -129,7 +129,7 @@ def _merge(trainable: Any, frozen: Any) -> Any:
 
 
 def merge_for_forward(trainable: Params, frozen: Params) -> Params:
-    """The params :func:`slayer_jax.model.forward` reads: a list-layout ``trainable`` (``None`` where
+    """The params :func:`slayer_jax.modeling.model.forward` reads: a list-layout ``trainable`` (``None`` where
     frozen) merged with ``frozen`` in either layout. A stacked run is passed through as it is; the
     trainable layers it stands for must be all ``None``."""
     if not is_scan_layout(frozen):
@@ -155,7 +155,7 @@ def merge_for_forward(trainable: Params, frozen: Params) -> Params:
 
 # ----------------------------------------------------------------------------- the step's frozen input
 class FrozenLayoutStep:
-    """The jitted train step of :func:`slayer_jax.train.build_step` with the frozen layout it takes.
+    """The jitted train step of :func:`slayer_jax.training.train.build_step` with the frozen layout it takes.
 
     ``runs`` (possibly empty: the list layout) and ``shardings`` (the frozen tree's shardings in that
     layout) are fixed when the step is built. ``lower`` accepts the frozen tree (arrays or

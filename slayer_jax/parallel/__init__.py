@@ -1,0 +1,1 @@
+"""Several devices and processes: the device mesh and sharding rules by role, multi-controller start-up."""
