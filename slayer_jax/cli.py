@@ -32,7 +32,7 @@ def _save(params, cfg, tok, out: str, to: str, overwrite: bool, dtype=None, extr
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
-    from slayer_jax.io.storage import as_path
+    from slayer_jax.storage import as_path
 
     if as_path(out).exists() and not overwrite:
         raise SlayerError(f"{out}: already exists; pass --overwrite to replace it")
@@ -54,7 +54,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from slayer_jax import surgery
     from slayer_jax.io.checkpoint import load_model
     from slayer_jax.io.hf import save_hf
-    from slayer_jax.io.storage import cached_copy, is_remote
+    from slayer_jax.storage import cached_copy, is_remote
 
     _refuse_existing(a.out, a.overwrite)
     ckpt = cached_copy(a.ckpt) if is_remote(a.ckpt) else a.ckpt
@@ -279,7 +279,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from slayer_jax.evaluation import evaluate
-    from slayer_jax.io.storage import write_text_atomic
+    from slayer_jax.storage import write_text_atomic
 
     results = [evaluate.load_result(p) for p in a.results]
     if a.names:

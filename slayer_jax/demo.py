@@ -20,12 +20,24 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+
+from slayer_jax import importance, surgery
+from slayer_jax.data.corpus import build_code_corpus
+from slayer_jax.evaluation import scoring
+from slayer_jax.io.assets import default_model_dir
+from slayer_jax.io.hf import load_hf
+from slayer_jax.surgery import format_layer_map
+from slayer_jax.training.configs import base_config
+from slayer_jax.training.train import run
 
 PAPER_L, PAPER_EXPAND, PAPER_PRUNE = 32, 8, 2
 # 30 x 1024 tokens: the masked step takes about 14.5 s on a quiet 2-core machine,
@@ -65,7 +77,6 @@ def choose_plan(profile: dict, L: int, max_ppl_increase: float = 0.02):
       a deep-half layer (never the final one) is pruned only if removing it alone raised the
       general-text perplexity by less than ``max_ppl_increase`` (2%), at most round(2 L / 32).
     """
-    from slayer_jax import surgery
 
     n_expand = max(1, (L // 2) // 2)
     budget = round(PAPER_PRUNE * L / PAPER_L)
@@ -92,9 +103,7 @@ def choose_plan(profile: dict, L: int, max_ppl_increase: float = 0.02):
 
 
 def build_data(out: Path) -> dict[str, Any]:
-    from importlib import resources
 
-    from slayer_jax.data.corpus import build_code_corpus
 
     code = build_code_corpus(out / "data" / "code", train_budget=1_500_000, heldout_budget=200_000)
     samples = resources.files("slayer_jax") / "data_samples"
@@ -105,7 +114,6 @@ def build_data(out: Path) -> dict[str, Any]:
 
 def make_evalsets(tok, paths: dict, seq_len: int, code_windows: int, english_windows: int | None,
                   mcq_limit: int | None = None):
-    from slayer_jax.evaluation import scoring
 
     code_docs = [json.loads(line)["text"] for line in open(paths["code_heldout"])]
     english = scoring.load_text(paths["english"])
@@ -122,7 +130,6 @@ def make_evalsets(tok, paths: dict, seq_len: int, code_windows: int, english_win
 
 def evaluate(params, cfg, sets, mcq: bool = True) -> dict[str, float]:
     """Held-out code and English perplexity (and MCQ accuracy, which is slower: base and final only)."""
-    from slayer_jax.evaluation import scoring
 
     code = scoring.score_params(params, sets["code"], cfg).metrics(sets["code"])
     eng = scoring.score_params(params, sets["english"], cfg).metrics(sets["english"])
@@ -134,7 +141,6 @@ def evaluate(params, cfg, sets, mcq: bool = True) -> dict[str, float]:
 
 
 def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int, seed: int, plan, kind: str):
-    from slayer_jax.training.configs import base_config
 
     c = base_config()
     c.model = str(model_dir)
@@ -166,9 +172,7 @@ def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int,
 
 
 def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, timer, curve: bool = True):
-    import shutil
 
-    from slayer_jax.training.train import run
 
     c = train_config(model_dir, out, name, paths, steps, seed, plan, kind)
     shutil.rmtree(c.workdir, ignore_errors=True)
@@ -192,7 +196,6 @@ def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, 
 
 
 def _leaves(tree):
-    import jax
 
     return jax.tree_util.tree_leaves(tree)
 
@@ -314,14 +317,8 @@ def write_report(out: Path, ctx: dict) -> Path:
 def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool = False, wheel: str | None = None,
              gguf: str | None = None, seeds: int = 1, first_seed: int = 0, importance_windows: int = 6,
              mcq_limit: int | None = None, eval_windows: int = 12) -> int:
-    import shutil
 
-    import jax
 
-    from slayer_jax import importance, surgery
-    from slayer_jax.evaluation import scoring
-    from slayer_jax.io.assets import default_model_dir
-    from slayer_jax.io.hf import load_hf
 
     out_dir = Path(out).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -347,7 +344,6 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
     _log(why)
     print(why)
     lmap = surgery.layer_map(plan)
-    from slayer_jax.surgery import format_layer_map
 
     print(format_layer_map(lmap))
     with timer("evaluate base"):

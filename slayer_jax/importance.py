@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from slayer_jax import surgery
 from slayer_jax.errors import SlayerError
@@ -194,7 +195,6 @@ def sweep(params: Params, es: EvalSet, cfg: ModelConfig, kind: str, init: str = 
     """
     if kind not in SWEEPS:
         raise ValueError(f"sweep kind: {kind!r} is not one of {list(SWEEPS)}")
-    from tqdm.auto import tqdm
 
     L = len(params["layers"])
     layers = list(range(L)) if layers is None else [int(i) for i in layers]
@@ -319,7 +319,6 @@ def recommend_plan(profile: dict[str, Any], metric: str = "removal_nll", n_expan
     ``region``, prune the least important deep layers (never the final one). Defaults scale the
     paper's 8 new blocks and 2 pruned layers of 32: round(L/4) and round(L/16). Returns
     (plan, reasoning dict); the plan's ``notes`` carries the reasoning as text."""
-    from slayer_jax import surgery
 
     rows, L = profile["layers"], profile["num_layers"]
     n_expand = max(1, round(L / 4)) if n_expand is None else int(n_expand)

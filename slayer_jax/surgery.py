@@ -21,13 +21,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slayer_jax.errors import SlayerError
 from slayer_jax.modeling.model import Params
+from slayer_jax.storage import as_path
 
 INITS = ("average", "copy")
 # A new block's init when none is given follows the plan's kind: the S strategy (shallow) averages
@@ -311,7 +314,6 @@ def plan_from(kind: str, num_layers: int, *, expand: int = 0, prune: int = 0, pr
     """The plan a ``kind`` names (``slayer surgery``'s flags and ``slayer train``'s plan block
     both come here): ``shallow`` (S strategy), ``uniform`` (LLaMA Pro), ``file`` (a plan .json or
     a record), ``none`` and ``from_model`` (no new surgery) give None. ``init`` "" is the kind's own."""
-    from pathlib import Path
 
     if kind in ("none", "from_model", None):
         return None
@@ -518,7 +520,6 @@ def parse_record(d: Any, where: str = "config.json") -> Record:
 def read_record(model: Any) -> Record | None:
     """The record of a model directory (HF export or slayer checkpoint, local or gs://), or None
     for a model without one (as downloaded, a GGUF file)."""
-    from slayer_jax.io.storage import as_path
 
     path = as_path(model) / "config.json"
     try:
@@ -548,7 +549,6 @@ def format_layer_map(lmap) -> str:
 
 
 def count_trainable(params: Params, mask: Params) -> int:
-    import numpy as np
 
     return int(sum(np.prod(p.shape) for p, m in zip(jax.tree_util.tree_leaves(params),
                                                    jax.tree_util.tree_leaves(mask)) if m))

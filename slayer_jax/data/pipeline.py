@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import os
 from typing import Iterator, Sequence
 
+import grain
 import numpy as np
 
+from slayer_jax import storage
 from slayer_jax.data.sources import iter_chats, iter_documents
 from slayer_jax.data.tokens import iter_tokenized, sft_example
 from slayer_jax.errors import SlayerError
@@ -215,7 +218,6 @@ class Documents:
     def fingerprint(self, max_pieces: int = 4096) -> str:
         """A short hash of the pieces (stored in the loader state, checked on restore): every length,
         and the tokens and masks of up to ``max_pieces`` evenly spaced pieces."""
-        import hashlib
 
         h = hashlib.sha256(f"{self.seq_len}/{len(self)}/{self.masks is not None}".encode())
         h.update(np.fromiter((p.size for p in self.pieces), np.int64, len(self)).tobytes())
@@ -251,7 +253,6 @@ class Documents:
 
 
 def grain_range(n: int):
-    import grain
 
     return grain.MapDataset.range(int(n))
 
@@ -272,7 +273,6 @@ def _shard_order(n: int, seed: int, shuffle: bool, shard_index: int, shard_count
 def _packed_rows(docs: Documents, *, order, seed: int, shuffle_bins: bool, packing_bins: int,
                  seed_mixed: bool = False):
     """grain pipeline: piece indices -> pieces -> grain's best-fit packer -> rows of ARRAY_KEYS."""
-    import grain
 
     T = docs.seq_len
     packed = grain.experimental.BestFitPackIterDataset(
@@ -301,7 +301,6 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *, bos_id
 @functools.lru_cache(maxsize=None)
 def _make_checked_dataset():
     """An IterDataset that adds the loader config to the state and checks it on restore."""
-    import grain
 
     class _CheckedIterator(grain.DatasetIterator):
         def __init__(self, parent, config: dict):
@@ -437,7 +436,6 @@ def make_loader(docs, *, batch_size: int, seed: int, shuffle: bool = True,
     :func:`set_state` (JSON-serialisable dicts) work on it, and so do orbax's
     ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
     """
-    import grain
 
     kind = getattr(docs, "kind", None)
     if not isinstance(docs, (Documents, Mixture)) and kind != "rows":
@@ -496,7 +494,6 @@ def make_loader(docs, *, batch_size: int, seed: int, shuffle: bool = True,
 
 def _row_loader(docs, comps, weights, *, batch_size, seed, shuffle, num_epochs, shard_index, shard_count, prefetch,
                 rows=None):
-    import grain
 
     parts = []
     for i, c in enumerate(comps):
@@ -592,8 +589,7 @@ def iter_pieces(source: str | os.PathLike, tokenizer, seq_len: int, *, stats: Pa
     it goes (complete once the stream is exhausted). :func:`make_dataset` collects it;
     ``slayer data prepare`` (:mod:`slayer_jax.data.prepare`) writes it to shards without holding the corpus.
     Arguments as :func:`make_dataset`. A gs:// file or directory is fetched once per host into the
-    cache first (:func:`slayer_jax.io.storage.cached_copy`)."""
-    from slayer_jax.io import storage
+    cache first (:func:`slayer_jax.storage.cached_copy`)."""
 
     if storage.is_remote(source):
         source = storage.cached_copy(str(source))

@@ -48,14 +48,18 @@ import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import grain
 import numpy as np
 
+from slayer_jax import __version__, storage
 from slayer_jax.data import pipeline
 from slayer_jax.data.pipeline import PackStats
 from slayer_jax.data.tokens import separator_id
 from slayer_jax.errors import SlayerError
+from slayer_jax.io import load_any
 from slayer_jax.io.assets import _sha256  # one file hash for the project
-from slayer_jax.io.storage import staging_path
+from slayer_jax.io.hf import load_tokenizer
+from slayer_jax.storage import staging_path
 
 FORMAT = "slayer-prepared-rows"
 FORMAT_VERSION = 1
@@ -141,7 +145,6 @@ def rows_from_records(records: Sequence[bytes], seq_len: int) -> dict[str, np.nd
 def load_tokenizer_arg(name: str):
     """The tokenizer of a model argument as training takes it: an HF dir or slayer checkpoint with
     tokenizer files, ``default``, or (slowly: it loads the weights) anything ``load_any`` reads."""
-    from slayer_jax.io.hf import load_tokenizer
 
     src = str(name)
     if src == "default":
@@ -155,7 +158,6 @@ def load_tokenizer_arg(name: str):
             raise SlayerError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json); "
                               f"expected a model directory with its tokenizer")
         return tok
-    from slayer_jax.io import load_any
 
     _, _, tok = load_any(src)
     if tok is None:
@@ -230,10 +232,7 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     """Tokenise ``source`` (any form :func:`slayer_jax.data.make_dataset` takes) once, pack it, and
     write ``out`` (module docstring); returns the manifest. Memory: one tokeniser batch, the
     packer's open rows and the shuffle's index, never the corpus."""
-    import grain
 
-    from slayer_jax import __version__
-    from slayer_jax.io import storage
 
     if storage.is_remote(out):  # gs://: written locally, then uploaded (array_record writes local files)
         import tempfile
@@ -357,7 +356,7 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
 def is_prepared(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory written by :func:`prepare_corpus`."""
     try:
-        from slayer_jax.io import storage
+        from slayer_jax import storage
 
         if storage.is_remote(path):
             return (storage.as_path(path) / MANIFEST).exists()
@@ -394,9 +393,7 @@ class PreparedCorpus:
     kind = "rows"
 
     def __init__(self, path: str | os.PathLike):
-        import grain
 
-        from slayer_jax.io import storage
 
         # gs://: fetched once per host into the cache (array_record reads local files). For a corpus
         # larger than a host's disk, mount the bucket with gcsfuse and give the mount path instead.

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from slayer_jax.errors import SlayerError
+from slayer_jax.evaluation import sandbox
 from slayer_jax.evaluation.loglik import (  # noqa: F401
     encode,
     encode_pair,
@@ -47,6 +48,9 @@ from slayer_jax.evaluation.loglik import (  # noqa: F401
     score_requests,  # the one scorer (re-exported for callers)
     token_logprobs,
 )
+from slayer_jax.evaluation.scoring import load_mcq, load_text, mcq_prompt
+from slayer_jax.generate import Generator
+from slayer_jax.modeling.model import count_params
 
 ROLES = ("base", "expanded", "trained", "full_ft")  # the column order of `slayer compare`
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences
@@ -57,7 +61,6 @@ def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: i
                     **kw) -> dict[str, Any]:
     """Rolling perplexity over the documents of a .txt / .jsonl file (or the shipped sample); the
     first ``limit`` documents if given."""
-    from slayer_jax.evaluation.scoring import load_text
 
     docs = load_text(text)[:limit]
     toks = [encode(tok, d) for d in docs]
@@ -73,7 +76,6 @@ def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: i
 
 def mcq_requests(tok, questions) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
     """Tokenised (context, " choice") requests and, per question, the indices of its requests."""
-    from slayer_jax.evaluation.scoring import mcq_prompt
 
     reqs, groups = [], []
     for q in questions:
@@ -101,7 +103,6 @@ def eval_mcq(params, cfg, tok, mcq: str | Path = "sample", max_length: int = 204
              **kw) -> dict[str, Any]:
     """Multiple-choice accuracy (acc, acc_norm) on a JSONL file (or the shipped sample); the first
     ``limit`` questions if given."""
-    from slayer_jax.evaluation.scoring import load_mcq
 
     questions = load_mcq(mcq)[:limit]
     reqs, groups = mcq_requests(tok, questions)
@@ -165,7 +166,6 @@ def truncate_completion(text: str, stop: Sequence[str] = HUMANEVAL_STOP) -> str:
 def check_completions(problems: Sequence[dict[str, Any]], completions: Sequence[Sequence[str]], *,
                       limits=None, workers: int = 2, progress: bool = False) -> list[list[Any]]:
     """Run every (problem, completion) in the sandbox; sandbox Results per problem per sample."""
-    from slayer_jax.evaluation import sandbox
 
     limits = limits or sandbox.Limits()
     flat, where = [], []
@@ -214,7 +214,6 @@ def eval_humaneval(gen, *, limit: int | None = None, n_samples: int = 1, ks: Seq
     summary.update({"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                     "stop": list(HUMANEVAL_STOP), "generate_s": gen_s, "execute_s": exec_s,
                     "new_tokens": sum(len(o.tokens) for o in outs)})
-    from slayer_jax.evaluation import sandbox
 
     summary["sandbox"] = sandbox.capabilities()["mode"]
     if samples_out:
@@ -330,8 +329,6 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
              max_new_tokens: int = 384, seed: int = 0, batch_size: int = 8, workers: int = 2,
              include_path: Sequence[str] = (), harness_limit: int | None = None, loaded=None) -> dict[str, Any]:
     """Evaluate one model on the named tasks; write the result JSON (atomically) if ``out``."""
-    from slayer_jax.generate import Generator
-    from slayer_jax.modeling.model import count_params
 
     if role is not None and role not in ROLES:
         raise SlayerError(f"--role: {role!r}; expected one of {', '.join(ROLES)}")

@@ -26,11 +26,13 @@ It implements the three request types with lm-eval's own conventions (it subclas
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from slayer_jax.errors import SlayerError
 from slayer_jax.evaluation.loglik import prefix_token_id, rolling_windows, score_requests
+from slayer_jax.generate import Generator
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -39,7 +41,7 @@ except ImportError as e:  # pragma: no cover - lm-eval is an optional dependency
     raise SlayerError("harness: the PyPI package 'lm-eval' is not installed; expected `pip install lm-eval` "
                       "(or `pip install slayer_jax[eval]`)") from e
 
-TASKS_DIR = Path(__file__).parent / "data_samples" / "harness_tasks"
+TASKS_DIR = Path(__file__).resolve().parents[1] / "data_samples" / "harness_tasks"
 
 
 @register_model("slayer", "slayer_jax")
@@ -52,7 +54,6 @@ class SlayerLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, token_budget: int = 2048,
                  loaded: Any = None, **kwargs: Any) -> None:
         super().__init__()
-        from slayer_jax.generate import Generator
 
         if loaded is None:
             from slayer_jax.io import load_any
@@ -140,7 +141,6 @@ class SlayerLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
-        import json
 
         for i, r in enumerate(requests):
             groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -370,7 +371,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def run_many(programs: list[str], limits: Limits = Limits(), workers: int = 2, isolation: str = "auto",
              progress: bool = False) -> list[Result]:
     """Each program in its own sandbox, ``workers`` at a time; results in order."""
-    from concurrent.futures import ThreadPoolExecutor
 
     results: list[Result | None] = [None] * len(programs)
     bar = None

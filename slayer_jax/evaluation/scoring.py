@@ -58,7 +58,7 @@ from slayer_jax.modeling.model import (
     unembed,
 )
 
-SAMPLES = Path(__file__).parent / "data_samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
 SAMPLE_TEXT = SAMPLES / "english_text.jsonl"
 SAMPLE_MCQ = SAMPLES / "general_mcq.jsonl"
 

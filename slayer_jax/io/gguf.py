@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from slayer_jax.errors import SlayerError
 from slayer_jax.modeling.config import ConfigError, ModelConfig
@@ -316,7 +317,6 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, me
     shardings: instead of ``mesh``'s role rules, a tree of shardings shaped like the params.
     """
     from gguf.quants import dequantize
-    from tqdm.auto import tqdm
 
     path = Path(path)
     source = str(path)

@@ -23,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from slayer_jax import storage
 from slayer_jax.errors import SlayerError
 from slayer_jax.io.safetensors_stream import SafetensorsFile, write_safetensors
-from slayer_jax.io.storage import staging_path
 from slayer_jax.modeling.config import ModelConfig, load_config
 from slayer_jax.modeling.model import Params, as_dtype
+from slayer_jax.parallel import multihost
+from slayer_jax.storage import staging_path
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -250,10 +252,8 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
     config.json (e.g. ``{"slayer": plan_record}``). Tensors are streamed one at a time into
     safetensors shards of at most ``shard_bytes`` (an index json when there is more than one).
     ``out_dir`` may be gs://: the directory is written to a local temporary directory, then
-    uploaded (:func:`slayer_jax.io.storage.copy_tree`).
+    uploaded (:func:`slayer_jax.storage.copy_tree`).
     """
-    from slayer_jax.io import storage
-    from slayer_jax.parallel import multihost
 
     if storage.is_remote(out_dir):
         remote = storage.as_path(out_dir)

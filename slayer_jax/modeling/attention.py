@@ -69,6 +69,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.cudnn.fused_attention_stablehlo import MaskType
+from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
 from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("auto", "xla", "splash", "cudnn")
@@ -203,8 +205,6 @@ def segment_offsets(seg_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _cudnn_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, seg_BxT, *, sliding_window, dtype, interpret, block):
     del interpret, block
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType
-    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
 
     T, Dh = q_BxTxHxDh.shape[1], q_BxTxHxDh.shape[3]
     offsets, lengths = segment_offsets(seg_BxT)

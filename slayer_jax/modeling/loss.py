@@ -41,6 +41,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from slayer_jax.modeling.model import RMSNorm, as_dtype
+
 DEFAULT_CHUNK = 4096  # vocabulary columns per step; see bench/loss_memory.py
 # fori_loop unroll factor. XLA's cost analysis counts a loop body once, so bench/loss_memory.py
 # sets True (full unroll) to count FLOPs; training keeps 1.
@@ -48,7 +50,6 @@ _UNROLL: int | bool = 1
 
 
 def _as_dtype(dtype: Any) -> Any:
-    from slayer_jax.modeling.model import as_dtype  # lazy: model imports nothing from here
     return as_dtype(dtype)
 
 
@@ -211,7 +212,6 @@ def loss_sums_from_hidden(hidden_BxTxD: jax.Array, params: dict, cfg, targets_Bx
     """(sum of weighted token NLL, sum of weights), from the last layer's output *before* the
     final norm (``forward(..., return_hidden=True)[1][-1]``): final RMSNorm as model.unembed
     applies it, then :func:`chunked_token_nll`. chunk=None is today's loss exactly."""
-    from slayer_jax.modeling.model import RMSNorm
 
     dtype = _as_dtype(dtype)
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, hidden_BxTxD)

@@ -20,13 +20,19 @@ spans every device of every process. This module holds what that needs beyond on
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
 import os
+import signal
+import threading
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from slayer_jax.errors import SlayerError
+from slayer_jax.storage import as_path
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -89,8 +95,6 @@ def _on_cloud_tpu_vm(env: Mapping[str, str]) -> bool:
     (on a single-host slice it sets up one process). ``SLAYER_TPU_VM=0`` turns the probe off."""
     if env.get("SLAYER_TPU_VM") == "0" or env.get("JAX_PLATFORMS", "") == "cpu":
         return False
-    import glob
-    import importlib.util
 
     chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
     return bool(chips) and importlib.util.find_spec("libtpu") is not None
@@ -174,7 +178,6 @@ def agree(error: str | None) -> None:
         if error is not None:
             raise SlayerError(error)
         return
-    from jax.experimental import multihost_utils
 
     text = (error or "").encode("utf-8", "replace")[:MESSAGE_BYTES]
     buf = np.zeros(MESSAGE_BYTES + 1, np.uint8)
@@ -207,12 +210,10 @@ def require_shared_dir(path, what: str = "workdir") -> None:
     """Every process must see the same ``path`` (checkpoints are written by all processes into one
     directory). Process 0 writes a token, every process looks for it, and all agree before any
     raises, so none is left waiting at a barrier."""
-    from slayer_jax.io.storage import as_path
 
     path = as_path(path)
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
 
     token = int(multihost_utils.broadcast_one_to_all(np.int64(np.random.SeedSequence().entropy % (2**62))))
     probe = path / f".shared-check-{token}"
@@ -249,8 +250,6 @@ class PreemptionNotice:
     reaches it."""
 
     def __init__(self):
-        import signal
-        import threading
 
         self.received = False
         self._previous = None
@@ -265,7 +264,6 @@ class PreemptionNotice:
         """Call at every step, from the same first step on every process."""
         if not self.multi:
             return self.received
-        from jax.experimental import multihost_utils
 
         return bool(multihost_utils.reached_preemption_sync_point(step))
 

@@ -14,19 +14,36 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from slayer_jax import surgery
 from slayer_jax.errors import SlayerError
 from slayer_jax.modeling.config import ModelConfig, load_config
-from slayer_jax.parallel.sharding import AXES, opt_state_specs, param_specs, parse_mesh
+from slayer_jax.modeling.known_models import known_config
+from slayer_jax.modeling.model import expected_shapes
+from slayer_jax.parallel.sharding import AXES, make_mesh, opt_state_specs, param_specs, parse_mesh
+from slayer_jax.training.train import (
+    OptimConfig,
+    build_plan,
+    build_step,
+    flops_per_token,
+    hlo_fingerprint,
+    init_state,
+    make_optimizer,
+    split_params,
+)
 
 # Per chip: HBM, dense bf16 peak FLOP/s. TPU names are gcloud accelerator types: v4-N and v5p-N
 # count TensorCores (2 per chip), v5litepod-N and v6e-N count chips. GPUs: one device each.
@@ -70,15 +87,12 @@ def accelerator(device: str) -> dict[str, Any]:
 def tpu_devices(acc: dict[str, Any]) -> list:
     """The devices of a TPU slice for ahead-of-time compilation on any machine (libtpu's deviceless
     topology), or a SlayerError when libtpu is not installed."""
-    import importlib.util
 
     if importlib.util.find_spec("libtpu") is None:
         raise SlayerError("libtpu is not installed; `pip install slayer_jax[tpu]` compiles for real TPU topologies")
-    import os
 
     # a deviceless compile touches no chip: let several processes (plans, tests) load libtpu at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=acc["topology"],
                                         chip_config_name=acc["chip_config"],
@@ -89,9 +103,7 @@ def tpu_devices(acc: dict[str, Any]) -> list:
 def model_config_of(c) -> tuple[ModelConfig, int]:
     """The model's config without weights: ``model/config.json`` when the model is a local
     directory, else ``model_config`` (a known name)."""
-    from pathlib import Path
 
-    from slayer_jax.modeling.known_models import known_config
 
     path = Path(str(c.model))
     if path.is_dir() and (path / "config.json").exists():  # the model's own config wins: it is what trains
@@ -107,9 +119,6 @@ def model_config_of(c) -> tuple[ModelConfig, int]:
 
 def abstract_run(c, num_layers: int | None = None):
     """Shapes of (trainable, frozen, mask, layer_map, cfg) for config ``c``, without weights."""
-    from slayer_jax import surgery
-    from slayer_jax.modeling.model import expected_shapes
-    from slayer_jax.training.train import build_plan, split_params
 
     cfg, L = model_config_of(c)
     pc = c.plan
@@ -215,7 +224,6 @@ def mesh_for(mesh_spec: str | None, acc: dict[str, Any]) -> dict[str, int]:
 
 
 def plan_memory(c, mesh_spec: str, device: str, num_layers: int | None = None) -> dict[str, Any]:
-    from slayer_jax.training.train import OptimConfig, init_state, make_optimizer
 
     acc = accelerator(device)
     shape = mesh_for(mesh_spec, acc)
@@ -297,10 +305,7 @@ def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None =
     sets XLA_FLAGS before jax starts); ``auto``: tpu when ``device`` is a TPU and libtpu is
     installed, else cpu. Figures are the compiler's estimates, not measurements: per-device bytes
     (arguments, temporaries, outputs), FLOPs, and for TPUs ``optimal_seconds`` and the MFU it implies."""
-    import importlib.util
 
-    from slayer_jax.parallel.sharding import make_mesh
-    from slayer_jax.training.train import build_step, flops_per_token, hlo_fingerprint
 
     acc = accelerator(device)
     shape = mesh_for(mesh_spec, acc)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
+import re
 from pathlib import Path
 
 import ml_collections
 
 from slayer_jax.errors import SlayerError
+from slayer_jax.parallel.sharding import parse_mesh
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -89,8 +92,6 @@ def base_config() -> ml_collections.ConfigDict:
 def describe_keys() -> str:
     """Every config key with its default and the comment beside it in :func:`base_config`, one
     per line (``slayer train --help``)."""
-    import inspect
-    import re
 
     out = []
     for line in inspect.getsource(base_config).splitlines():
@@ -120,7 +121,6 @@ def paper_scale(c: ml_collections.ConfigDict, name: str, model: str, model_confi
 
 def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
     """Checks that need no weights and no devices: one-line errors naming the key."""
-    from slayer_jax.parallel.sharding import parse_mesh
 
     for key, ok, want in (
         ("steps", int(c.steps) > 0, "a positive integer"),

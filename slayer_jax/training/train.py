@@ -20,18 +20,33 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
+from slayer_jax import data as data_lib
+from slayer_jax import storage, surgery
+from slayer_jax.data.training_data import open_training_data
+from slayer_jax.errors import SlayerError
+from slayer_jax.io import load_any
+from slayer_jax.io.checkpoint import TrainCheckpointer, tree_hash
+from slayer_jax.io.hf import save_hf
 from slayer_jax.modeling.config import ModelConfig
 from slayer_jax.modeling.layout import FrozenLayoutStep, merge_for_forward, scan_runs, to_scan_layout
 from slayer_jax.modeling.loss import loss_sums_from_hidden, token_nll  # noqa: F401 -- token_nll: one implementation (loss.py)
 from slayer_jax.modeling.model import Params, as_dtype, forward
+from slayer_jax.parallel import multihost
+from slayer_jax.parallel.sharding import batch_sharding, make_mesh, opt_state_specs, param_shardings, param_specs
+from slayer_jax.surgery import format_layer_map
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: int32 [B, T]; weights: f32 [B, T]
 
@@ -197,9 +212,7 @@ def build_step(c, cfg: ModelConfig, mesh, trainable, frozen, total_steps: int) -
     """The :class:`StepProgram` of config ``c`` for ``mesh`` (real devices, or a TPU topology's for
     an ahead-of-time compile). ``trainable``/``frozen`` may be arrays or ShapeDtypeStructs: only
     their shapes and dtypes are read."""
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from slayer_jax.parallel.sharding import batch_sharding, opt_state_specs, param_shardings, param_specs
 
     ocfg = OptimConfig(total_steps=int(total_steps), **{k: v for k, v in c.optim.items()})
     tx = make_optimizer(ocfg)
@@ -226,7 +239,6 @@ def build_step(c, cfg: ModelConfig, mesh, trainable, frozen, total_steps: int) -
 
 def hlo_fingerprint(lowered) -> str:
     """sha256 of a lowered step's StableHLO text: equal fingerprints, equal programs."""
-    import hashlib
 
     return hashlib.sha256(lowered.as_text().encode()).hexdigest()
 
@@ -281,7 +293,6 @@ def device_peak_flops() -> float | None:
 
 def build_plan(pc, num_layers: int):
     """The surgery plan named by a config's ``plan`` block (None = no new surgery)."""
-    from slayer_jax import surgery
 
     return surgery.plan_from(pc.get("kind", "none"), num_layers, expand=int(pc.get("expand", 0)),
                              prune=int(pc.get("prune", 0)), prune_mode=pc.get("prune_mode", "deepest"),
@@ -294,7 +305,6 @@ def describe_run(*, plan, lmap, n_trainable: int, n_params: int, opt_bytes: int,
                  sft: bool, tokenizer, packing_note: str, rows_per_epoch: int | None, global_batch: int, steps: int, epochs: float, workdir,
                  latest: int | None, resume: bool, mesh=None) -> str:
     """What ``slayer train`` is about to do, printed before the first step."""
-    from slayer_jax.surgery import format_layer_map
 
     T = stats.seq_len
     if plan is None:
@@ -349,9 +359,7 @@ class RunLogs:
     the log keeps only the lines of steps up to ``start`` (the later ones are redone)."""
 
     def __init__(self, workdir, start: int):
-        import json
 
-        from slayer_jax.io import storage
 
         workdir.mkdir(parents=True, exist_ok=True)
         self.metrics = storage.LineLog(workdir / "metrics.jsonl")
@@ -380,7 +388,6 @@ class RunLogs:
         return f"eval/{key.removeprefix('eval_')}"
 
     def record(self, rec: dict) -> None:
-        import json
 
         self._safely(self.metrics.append, json.dumps(rec))
         for k, v in rec.items():
@@ -406,20 +413,8 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     if given, runs at step 0 and every ``eval_every`` steps on the merged params; its metrics
     are logged with the step's record (used by the demo for domain-vs-forgetting curves).
     """
-    import json
-    import time
 
-    from tqdm.auto import tqdm
 
-    from slayer_jax import data as data_lib
-    from slayer_jax import surgery
-    from slayer_jax.data.training_data import open_training_data
-    from slayer_jax.errors import SlayerError
-    from slayer_jax.io import load_any, storage
-    from slayer_jax.io.checkpoint import TrainCheckpointer, tree_hash
-    from slayer_jax.io.hf import save_hf
-    from slayer_jax.parallel import multihost
-    from slayer_jax.parallel.sharding import batch_sharding, make_mesh
 
     c = config
     multihost.initialize(c.get("distributed"))

@@ -20,6 +20,8 @@ for tensorstore; see ``tests/gcs_emulator.py``).
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import shutil
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from etils import epath
+
+from slayer_jax.errors import SlayerError
 
 GS = "gs://"
 
@@ -405,12 +409,9 @@ def cached_copy(url: str) -> Path:
     (name, size, generation or checksum, recorded beside the copy). Processes sharing the cache
     (several per host, or a shared cache directory) take turns under a file lock, so only one
     downloads; :func:`download_tree` never leaves a copy half-written."""
-    import fcntl
-    import json
 
     import fsspec
 
-    from slayer_jax.errors import SlayerError
 
     url = _url(url)
     cache = cache_root() / "remote"  # the project's one cache root ($SLAYER_CACHE)
