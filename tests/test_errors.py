@@ -178,7 +178,7 @@ def test_export_interrupted_leaves_nothing(good_dir, tmp_path, monkeypatch):
 def test_a_dead_writers_staging_is_removed_a_live_ones_kept(good_dir, tmp_path, to):
     """A convert killed mid-write leaves `.OUT.tmp-HOST-PID`; the next write to OUT removes it (and
     a dead swap's `.old-`), but never a live process's, nor another host's."""
-    from slayer_jax.io import storage
+    from slayer_jax import storage
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

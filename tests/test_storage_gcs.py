@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slayer_jax.io import storage
+from slayer_jax import storage
 
 
 @pytest.fixture(autouse=True)
