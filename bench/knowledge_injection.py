@@ -2,9 +2,11 @@
 
 What it does
 ------------
-1. Builds a seeded, offline task (``--people`` fictional people, names made of syllables so no
-   pretraining text can hold them; 5 attributes each from closed sets: birth city, university,
-   field of study, employer, hobby) and writes it to ``OUT/task/``:
+1. Builds the project's knowledge-injection probe (``slayer_jax.evaluation.probe``, the generator
+   behind ``slayer data probe``; seeded, offline: ``--people`` fictional people, names made of
+   syllables so no pretraining text can hold them; 5 attributes each from closed sets: birth city,
+   university, field of study, employer, hobby) and writes it to ``OUT/task/`` (also probe.json
+   and README.md: seed, counts, generator version):
 
    - ``train.jsonl`` (field ``text``): per person, 3 paraphrased biographies on *adjacent* lines
      (people in order, as a naive corpus would have them), then, for the first half of the people
@@ -90,6 +92,8 @@ from pathlib import Path
 
 import numpy as np
 
+from slayer_jax.evaluation.probe import make_task, write_task
+
 REPO = Path(__file__).resolve().parents[1]
 ENGLISH = REPO / "slayer_jax" / "data_samples" / "english_text.jsonl"
 EXPAND_AFTER = (1, 3, 5, 7, 9, 11)
@@ -102,89 +106,8 @@ def log(msg: str) -> None:
 
 
 # ============================================================================ the task
-CITIES = ["Lisbon", "Oslo", "Nairobi", "Montreal", "Osaka", "Krakow", "Lima", "Dublin", "Hanoi", "Seville",
-          "Adelaide", "Tbilisi"]
-UNIVERSITIES = ["Stanford University", "Oxford University", "Kyoto University", "McGill University",
-                "Heidelberg University", "Cornell University", "Monash University", "Uppsala University",
-                "Rice University", "Duke University", "Leiden University", "Tufts University"]
-FIELDS = ["chemistry", "economics", "linguistics", "astronomy", "architecture", "philosophy", "geology",
-          "statistics", "musicology", "botany", "nursing", "law"]
-COMPANIES = ["Siemens", "Nestle", "Toyota", "Unilever", "Spotify", "Airbus", "Philips", "Heineken", "Nokia",
-             "Ikea", "Lufthansa", "Canon"]
-HOBBIES = ["chess", "sailing", "pottery", "birdwatching", "fencing", "knitting", "archery", "rock climbing",
-           "origami", "beekeeping", "surfing", "calligraphy"]
-ATTRIBUTES = {"city": CITIES, "university": UNIVERSITIES, "field": FIELDS, "company": COMPANIES, "hobby": HOBBIES}
-QUESTIONS = {"city": "Where was {full} born?", "university": "Which university did {full} attend?",
-             "field": "What did {full} study?", "company": "Which company does {full} work for?",
-             "hobby": "What is {full}'s hobby?"}
-BIOS = [
-    "{full} was born in {city}. {first} studied {field} at {university}. Today {first} works for {company}. "
-    "{first}'s favourite hobby is {hobby}.",
-    "{full} works for {company}. Before joining {company}, {first} earned a degree in {field} from {university}. "
-    "{first} grew up in {city}, where {first} was born, and spends weekends on {hobby}.",
-    "Born in {city}, {full} is a graduate of {university}, where {first} majored in {field}. {first} enjoys "
-    "{hobby} and is employed by {company}.",
-]
-ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "tr",
-          "v", "vr", "z"]
-VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "ou"]
-CODAS = ["", "", "n", "r", "l", "s", "k", "th", "nd", "x"]
-
-
-def _syllable(rng: np.random.Generator) -> str:
-    return str(rng.choice(ONSETS)) + str(rng.choice(VOWELS)) + str(rng.choice(CODAS))
-
-
-def make_people(n: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    seen, people = set(), []
-    while len(people) < n:
-        first = "".join(_syllable(rng) for _ in range(2)).capitalize()
-        last = "".join(_syllable(rng) for _ in range(int(rng.integers(2, 4)))).capitalize()
-        if first in seen or last in seen or len(first) > 9 or len(last) > 11:
-            continue  # unique first and last names: a question names exactly one person
-        seen.update((first, last))
-        p = {"first": first, "last": last, "full": f"{first} {last}"}
-        for k, values in ATTRIBUTES.items():
-            p[k] = str(values[int(rng.integers(len(values)))])
-        people.append(p)
-    return people
-
-
-def question_record(p: dict, attr: str, rng: np.random.Generator) -> dict:
-    q = QUESTIONS[attr].format(**p)
-    others = [v for v in ATTRIBUTES[attr] if v != p[attr]]
-    choices = [p[attr]] + [str(v) for v in rng.choice(others, size=3, replace=False)]
-    order = rng.permutation(4)
-    choices = [choices[i] for i in order]
-    return {"person": p["full"], "attribute": attr, "question": q, "prompt": f"Question: {q}\nAnswer:",
-            "choices": choices, "answer_index": int(np.flatnonzero(order == 0)[0]), "answer": p[attr]}
-
-
-def make_task(n_people: int, seed: int) -> dict:
-    people = make_people(n_people, seed)
-    rng = np.random.default_rng(seed + 1)
-    n_train = n_people // 2
-    train_docs = [t.format(**p) for p in people for t in BIOS]
-    train_q, heldout = [], []
-    for i, p in enumerate(people):
-        for attr in QUESTIONS:
-            rec = question_record(p, attr, rng)
-            (train_q if i < n_train else heldout).append(rec)
-    train_docs += [f"{r['prompt']} {r['answer']}." for r in train_q]
-    return {"people": people, "train_docs": train_docs, "train_questions": train_q, "heldout": heldout}
-
-
-def write_task(task: dict, d: Path) -> None:
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / "train.jsonl", "w") as f:
-        for t in task["train_docs"]:
-            f.write(json.dumps({"text": t}) + "\n")
-    for name in ("heldout", "train_questions"):
-        with open(d / f"{name}.jsonl", "w") as f:
-            for r in task[name]:
-                f.write(json.dumps(r) + "\n")
-    (d / "people.json").write_text(json.dumps(task["people"], indent=1))
+# The generator is the package's (slayer_jax.evaluation.probe: make_task, write_task), the one behind
+# `slayer data probe` and `slayer eval --tasks probe`; the same (people, seed) gives the same files.
 
 
 def doc_tokens(tok, docs: list[str]) -> list[list[int]]:
@@ -612,7 +535,7 @@ def main(argv=None) -> int:
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     task = make_task(a.people, a.task_seed)
-    write_task(task, out / "task")
+    write_task(task, out / "task", overwrite=True)
     train_ids = doc_tokens(tok, task["train_docs"])
     est_steps, est_rows = default_steps(train_ids, a.epochs, a.seq_len, a.batch)
     steps = a.steps or est_steps

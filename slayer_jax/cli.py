@@ -217,6 +217,19 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_probe(a: argparse.Namespace) -> int:
+    from slayer_jax.evaluation.probe import make_task, manifest, write_task
+
+    _refuse_existing(a.out, a.overwrite)
+    task = make_task(a.people, a.seed)
+    write_task(task, a.out, overwrite=a.overwrite)
+    c = manifest(task)["counts"]
+    print(f"wrote {a.out}: {c['people']} people ({c['train_people']} training split, {c['heldout_people']} held out), "
+          f"{c['train_documents']} training documents in train.jsonl, {c['heldout_questions']} held-out and "
+          f"{c['train_questions']} training-split questions (seed {a.seed})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- evaluation
 def _int_list(s: str, flag: str) -> list[int]:
     try:
@@ -496,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", default=None, help="also write the report here")
     pl.set_defaults(fn=cmd_plan, wants_extra=True)
 
-    da = sub.add_parser("data", help="corpus tools: `slayer data prepare` tokenises and packs a corpus once")
+    da = sub.add_parser("data", help="corpus tools: `slayer data prepare` tokenises and packs a corpus once; "
+                                     "`slayer data probe` writes the knowledge-injection probe")
     dsub = da.add_subparsers(dest="data_cmd", required=True)
     pr = dsub.add_parser("prepare", help="tokenise + pack a corpus once into sharded ArrayRecord files + manifest.json",
                          description="Tokenise and pack SOURCE once into OUT/rows-*.array_record and OUT/manifest.json; "
@@ -520,6 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(fn=cmd_data_prepare)
+    pb = dsub.add_parser("probe", help="write the knowledge-injection probe (fictional people, seeded, offline)",
+                         description="Write the knowledge-injection probe to OUT: train.jsonl (biographies of every "
+                                     "person + question-answer text of the training split; use it as data.source), "
+                                     "heldout.jsonl, train_questions.jsonl, people.json, probe.json (manifest), "
+                                     "README.md. Score a model on it with `slayer eval MODEL --tasks probe --probe OUT`.")
+    pb.add_argument("--out", required=True, help="output directory (written atomically)")
+    pb.add_argument("--people", type=int, default=24, help="fictional people; the first half is the training split")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--overwrite", action="store_true")
+    pb.set_defaults(fn=cmd_data_probe)
 
     _add_importance_verb(sub)
     _add_eval_verbs(sub)
