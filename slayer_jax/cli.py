@@ -273,6 +273,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.limit is not None and a.limit < 1:
         raise SlayerError(f"--limit: {a.limit}; expected a positive number of items per task")
     ks = _int_list(a.k, "--k")
+    if a.instruct_tokens < 1:
+        raise SlayerError(f"--instruct-tokens: {a.instruct_tokens}; expected a positive integer")
     if "humaneval" in ours and max(ks) > a.samples:
         raise SlayerError(f"--k: pass@{max(ks)} needs at least {max(ks)} samples per problem; expected "
                           f"--samples >= {max(ks)} (and --temperature > 0)")
@@ -283,7 +285,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
                    max_length=a.max_length, dtype=a.dtype, limit=a.limit,
                    humaneval_samples=a.samples, ks=ks, temperature=a.temperature,
                    top_p=a.top_p, max_new_tokens=a.max_new_tokens, seed=a.seed, batch_size=a.batch_size,
-                   workers=a.workers, include_path=a.include_path or [], harness_limit=a.harness_limit)
+                   workers=a.workers, include_path=a.include_path or [], harness_limit=a.harness_limit,
+                   probe=a.probe, base=a.base, prompts=a.prompts, instruct_tokens=a.instruct_tokens)
     print(evaluate.format_table([res], all_metrics=True))
     if a.out:
         print(f"wrote {a.out}", file=sys.stderr)
@@ -326,17 +329,24 @@ def _add_eval_verbs(subparsers) -> None:
     g.add_argument("--no-stream", action="store_true", help="print at the end instead of streaming")
     g.set_defaults(fn=cmd_generate)
 
-    e = subparsers.add_parser("eval", help="perplexity, multiple choice, HumanEval, lm-eval tasks -> JSON + table")
+    e = subparsers.add_parser("eval", help="perplexity, multiple choice, HumanEval, knowledge probe, forgetting "
+                                          "(kl, instruct), lm-eval tasks -> JSON + table")
     e.add_argument("model", help="HF dir, .gguf, slayer checkpoint, or 'default'")
-    e.add_argument("--tasks", default="ppl,mcq", help="comma list of ppl, mcq, humaneval, harness:TASK")
+    e.add_argument("--tasks", default="ppl,mcq",
+                   help="comma list of ppl, mcq, humaneval, probe, kl, instruct, harness:TASK")
     e.add_argument("--harness-tasks", default=None, help="comma list of lm-eval task names")
     e.add_argument("--include-path", action="append", help="folder of extra lm-eval task YAML (repeatable)")
     e.add_argument("--harness-limit", type=int, default=None, help="lm-eval: at most N documents per task")
     e.add_argument("--out", default=None, help="result JSON path (written atomically)")
     e.add_argument("--name", default=None, help="column name for `slayer compare` (default: model folder)")
     e.add_argument("--role", choices=evaluate.ROLES, default=None, help="column role for `slayer compare`")
-    e.add_argument("--text", default="sample", help="ppl data: .txt, .jsonl with 'text', or 'sample'")
-    e.add_argument("--mcq", default="sample", help="mcq data: JSONL {question, choices, answer} or 'sample'")
+    e.add_argument("--text", default="sample", help="ppl, kl data: .txt, .jsonl with 'text', or 'sample'")
+    e.add_argument("--mcq", default="sample",
+                   help="mcq data: JSONL {question, choices, answer}, 'sample' (60 questions) or 'large' (463)")
+    e.add_argument("--probe", default=None, help="probe: the folder `slayer data probe` wrote")
+    e.add_argument("--base", default=None, help="kl, instruct: the base model to compare with")
+    e.add_argument("--prompts", default="sample", help="instruct: JSONL {prompt} or 'sample' (20 chat prompts)")
+    e.add_argument("--instruct-tokens", type=int, default=64, help="instruct: greedy answer tokens at most")
     e.add_argument("--max-length", type=int, default=1024, help="ppl window / longest scored sequence")
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     e.add_argument("--limit", type=int, default=None,

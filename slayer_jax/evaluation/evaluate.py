@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.evaluation import sandbox
+from slayer_jax.evaluation import forgetting, sandbox
 from slayer_jax.evaluation.loglik import (  # noqa: F401
     encode,
     encode_pair,
@@ -242,7 +242,9 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-KEY_METRICS = ("ppl.ppl", "ppl.bits_per_byte", "mcq.acc", "mcq.acc_norm", "humaneval.pass@1", "humaneval.pass@10")
+KEY_METRICS = ("ppl.ppl", "ppl.bits_per_byte", "mcq.acc", "mcq.acc_norm", "humaneval.pass@1", "humaneval.pass@10",
+               "probe.heldout_mcq_acc", "probe.heldout_em", "probe.train_mcq_acc", "probe.train_em", "kl.kl",
+               "kl.top1_agree", "instruct.ll_per_token", "instruct.ll_drop", "instruct.same_answer")
 
 
 def format_table(results: Sequence[dict[str, Any]], all_metrics: bool = False) -> str:
@@ -299,7 +301,8 @@ def order_by_role(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- the eval driver
-TASKS = ("ppl", "mcq", "humaneval")
+TASKS = ("ppl", "mcq", "humaneval", "probe", "kl", "instruct")
+NEEDS_BASE = ("kl", "instruct")  # tasks that compare the model with --base
 
 
 def parse_tasks(spec: str, harness_tasks: str | None = None) -> tuple[list[str], list[str]]:
@@ -327,11 +330,26 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
              max_length: int = 1024, dtype: str = "float32", limit: int | None = None,
              humaneval_samples: int = 1, ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 384, seed: int = 0, batch_size: int = 8, workers: int = 2,
-             include_path: Sequence[str] = (), harness_limit: int | None = None, loaded=None) -> dict[str, Any]:
-    """Evaluate one model on the named tasks; write the result JSON (atomically) if ``out``."""
+             include_path: Sequence[str] = (), harness_limit: int | None = None, loaded=None,
+             probe: str | None = None, base: str | None = None, base_loaded=None, prompts: str = "sample",
+             instruct_tokens: int = 64) -> dict[str, Any]:
+    """Evaluate one model on the named tasks; write the result JSON (atomically) if ``out``.
+
+    ``probe``: the folder of the ``probe`` task; ``base`` (or ``base_loaded``): the model ``kl`` and
+    ``instruct`` compare against; ``prompts``: the chat prompts of ``instruct``."""
 
     if role is not None and role not in ROLES:
         raise SlayerError(f"--role: {role!r}; expected one of {', '.join(ROLES)}")
+    probe_data = None
+    if "probe" in tasks:
+        from slayer_jax.evaluation.probe import load_probe  # probe imports this module: not on top
+
+        if not probe:
+            raise SlayerError("--probe: missing; expected the folder `slayer data probe --out DIR` wrote (task probe)")
+        probe_data = load_probe(probe)  # bad data fails before a model loads
+    needs_base = [t for t in tasks if t in NEEDS_BASE]
+    if needs_base and base is None and base_loaded is None:
+        raise SlayerError(f"--base: missing; expected the base model to compare with (task {needs_base[0]})")
     t0 = time.perf_counter()
     if loaded is None:
         from slayer_jax.io import load_any
@@ -346,6 +364,10 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tasks": {}, "timings": {"load_s": time.perf_counter() - t0}}
     score_kw = dict(dtype=dtype, progress=True)
+    if needs_base and base_loaded is None:
+        from slayer_jax.io import load_any
+
+        base_loaded = loaded if str(base) == str(model) else load_any(base)
     for t in tasks:
         t1 = time.perf_counter()
         if t == "ppl":
@@ -359,6 +381,19 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
             result["tasks"]["humaneval"] = eval_humaneval(
                 gen, limit=limit, n_samples=humaneval_samples, ks=ks, temperature=temperature,
                 top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, workers=workers, samples_out=samples)
+        elif t == "probe":
+            from slayer_jax.evaluation.probe import eval_probe
+
+            result["tasks"]["probe"] = eval_probe(params, cfg, tok, probe_data, limit=limit, max_length=max_length,
+                                                  dtype=dtype, batch_size=batch_size)
+            result["tasks"]["probe"]["source"] = str(probe)
+        elif t == "kl":
+            result["tasks"]["kl"] = forgetting.eval_kl(base_loaded, loaded, text, max_length=max_length, limit=limit,
+                                                       base=base, **score_kw)
+        elif t == "instruct":
+            result["tasks"]["instruct"] = forgetting.eval_instruct(
+                base_loaded, loaded, prompts, max_new_tokens=instruct_tokens, limit=limit, max_length=max_length,
+                dtype=dtype, batch_size=batch_size, base=base)
         result["timings"][f"{t}_s"] = time.perf_counter() - t1
     if harness_tasks:
         from slayer_jax.evaluation.harness import SlayerLM, run_harness

@@ -85,6 +85,21 @@ def _length_bucket(n: int) -> int:
     return -(-n // 256) * 256
 
 
+def length_batches(rows: Sequence[tuple], token_budget: int) -> list[tuple[int, int, list]]:
+    """(T, B, rows) batches of ``rows`` (tuples whose second item is the input tokens): longest first,
+    T the length bucket of a batch's longest row, B a power of two with B * T <= ``token_budget``
+    (at least 1), so a whole evaluation compiles once per length bucket."""
+    rows = sorted(rows, key=lambda r: -len(r[1]))
+    batches = []
+    j = 0
+    while j < len(rows):
+        T = _length_bucket(len(rows[j][1]))
+        B = 1 << max(0, int(math.log2(max(1, token_budget // T))))
+        batches.append((T, B, rows[j:j + B]))
+        j += B
+    return batches
+
+
 def score_requests(params: Params, cfg: ModelConfig, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                    max_length: int | None = None, token_budget: int = 2048, dtype: Any = "float32",
                    progress: bool = False) -> list[tuple[float, bool]]:
@@ -106,15 +121,8 @@ def score_requests(params: Params, cfg: ModelConfig, requests: Sequence[tuple[Se
                               f"{max_length}")
         whole = (ctx + cont)[-(max_length + 1):]
         rows.append((i, whole[:-1], whole[1:], len(cont)))
-    rows.sort(key=lambda r: -len(r[1]))
     out: list[tuple[float, bool] | None] = [None] * len(requests)
-    batches = []
-    j = 0
-    while j < len(rows):
-        T = _length_bucket(len(rows[j][1]))
-        B = 1 << max(0, int(math.log2(max(1, token_budget // T))))
-        batches.append((T, B, rows[j:j + B]))
-        j += B
+    batches = length_batches(rows, token_budget)
     it = batches
     if progress:
         from tqdm import tqdm

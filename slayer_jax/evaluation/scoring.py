@@ -26,7 +26,8 @@ Multiple-choice data is JSONL, one question a line::
 
 Text data is a ``.txt`` file (the whole file is one document) or JSONL with a ``"text"`` field.
 ``"sample"`` names the small English text / general-knowledge questions shipped in
-``slayer_jax/data_samples`` (see its README for provenance).
+``slayer_jax/data_samples`` (see its README for provenance); ``"large"`` the 463 generated
+general questions there.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from slayer_jax.modeling.model import (
 SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
 SAMPLE_TEXT = SAMPLES / "english_text.jsonl"
 SAMPLE_MCQ = SAMPLES / "general_mcq.jsonl"
+SAMPLE_MCQ_LARGE = SAMPLES / "general_mcq_large.jsonl"  # "large": forgetting.make_general_mcq's 463 questions
 
 # Traces of the jitted functions below (one per compile): benchmarks and tests read this.
 TRACES: collections.Counter = collections.Counter()
@@ -113,8 +115,9 @@ def load_text(src: str | Path) -> list[str]:
 
 
 def load_mcq(src: str | Path) -> list[MCQ]:
-    """Questions from a JSONL file with fields question (str), choices (list of >= 2 str), answer (int)."""
-    path = SAMPLE_MCQ if str(src) == "sample" else Path(src)
+    """Questions from a JSONL file with fields question (str), choices (list of >= 2 str), answer (int);
+    "sample" and "large" name the shipped sets."""
+    path = {"sample": SAMPLE_MCQ, "large": SAMPLE_MCQ_LARGE}.get(str(src)) or Path(src)
     out = []
     for n, row in _read_jsonl(path):
         where = f"{path}: line {n}"
