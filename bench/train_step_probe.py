@@ -17,7 +17,7 @@ import numpy as np
 import slayer_jax.modeling.model as M
 from slayer_jax.io.assets import default_model_dir
 from slayer_jax.io.hf import load_hf
-from slayer_jax.training.train import token_nll
+from slayer_jax.modeling.loss import token_nll
 
 B, T = 4, 512
 

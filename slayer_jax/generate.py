@@ -67,6 +67,7 @@ from slayer_jax.modeling.model import (
     dot_product_attention,
     embed,
     forward,
+    merge_adapters,
     rope_cos_sin,
     run_layers,
     unembed,
@@ -352,6 +353,7 @@ class Generator:
         if feature_major is None:
             feature_major = jax.default_backend() == "cpu"
         self.feature_major = bool(feature_major)
+        params = merge_adapters(params)  # decoding reads plain kernels: LoRA adapters folded in
         self.params = params
         self.weights = DecodeWeights.build(params, "out_in" if self.feature_major else "in_out")
         self.dtype = as_dtype(dtype)

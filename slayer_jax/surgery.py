@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slayer_jax.errors import SlayerError
+from slayer_jax.errors import SlayerError, first_line
 from slayer_jax.modeling.model import Params
 from slayer_jax.storage import as_path
 
@@ -155,6 +156,8 @@ class Plan:
     train_embed: bool = False
     train_norm: bool = False
     train_head: bool = False
+    lora_rank: int = 0  # > 0: a LoRA adapter of this rank on every projection of every frozen layer
+    lora_alpha: float = 16.0  # adapter output scale alpha / rank
     name: str = "explicit"
     notes: str = ""
 
@@ -185,6 +188,11 @@ class Plan:
         for i in self.expand_after:
             if i in self.prune:
                 raise ValueError(f"plan.expand_after: layer {i} is pruned; a block after it would lose its anchor")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"plan.lora_rank: expected an integer >= 0, got {self.lora_rank!r}")
+        if (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                or not self.lora_alpha > 0 or not math.isfinite(self.lora_alpha)):
+            raise ValueError(f"plan.lora_alpha: expected a positive number, got {self.lora_alpha!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,7 +202,7 @@ class Plan:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
-            raise ValueError(f"plan: unknown field '{unknown[0]}'; expected some of {sorted(fields)}")
+            raise ValueError(f"plan: unknown field {unknown[0]!r}; expected some of {sorted(fields)}")
         if "num_layers" not in d:
             raise ValueError("plan: field 'num_layers' is missing")
         for f in ("expand_after", "prune", "refresh"):
@@ -204,6 +212,10 @@ class Plan:
         for f in ("identity", "train_embed", "train_norm", "train_head"):
             if f in d and not isinstance(d[f], bool):
                 raise ValueError(f"plan: field '{f}' is {d[f]!r}; expected true or false")
+        if "lora_rank" in d and (isinstance(d["lora_rank"], bool) or not isinstance(d["lora_rank"], int)):
+            raise ValueError(f"plan: field 'lora_rank' is {d['lora_rank']!r}; expected an integer >= 0")
+        if "lora_alpha" in d and (isinstance(d["lora_alpha"], bool) or not isinstance(d["lora_alpha"], (int, float))):
+            raise ValueError(f"plan: field 'lora_alpha' is {d['lora_alpha']!r}; expected a positive number")
         for f in ("init", "name", "notes"):
             if f in d and not isinstance(d[f], str):
                 raise ValueError(f"plan: field '{f}' is {d[f]!r}; expected a string")
@@ -305,20 +317,31 @@ def from_profile(importance: Sequence[float], n_expand: int, n_prune: int = 0, k
     return Plan(L, expand_after=tuple(expand), prune=tuple(pruned), init=init, name="from_profile", notes=notes, **kw)
 
 
-PLAN_KINDS = ("none", "shallow", "uniform", "file", "from_model")
+PLAN_KINDS = ("none", "shallow", "uniform", "lora", "file", "from_model")
 
 
 def plan_from(kind: str, num_layers: int, *, expand: int = 0, prune: int = 0, prune_mode: str = "deepest",
               prune_layers: Sequence[int] = (), refresh_last: bool = False, init: str = "", file: str = "",
-              train_head: bool = False) -> Plan | None:
+              train_head: bool = False, lora_rank: int = 0, lora_alpha: float = 16.0) -> Plan | None:
     """The plan a ``kind`` names (``slayer surgery``'s flags and ``slayer train``'s plan block
-    both come here): ``shallow`` (S strategy), ``uniform`` (LLaMA Pro), ``file`` (a plan .json or
-    a record), ``none`` and ``from_model`` (no new surgery) give None. ``init`` "" is the kind's own."""
+    both come here): ``shallow`` (S strategy), ``uniform`` (LLaMA Pro), ``lora`` (no new layers: a
+    rank-``lora_rank`` adapter on every frozen projection), ``file`` (a plan .json or a record);
+    ``none`` and ``from_model`` (no new surgery) give None. ``init`` "" is the kind's own. A
+    ``lora_rank`` > 0 adds adapters to the frozen layers of a shallow or uniform plan too."""
 
     if kind in ("none", "from_model", None):
         return None
+    if kind == "lora":
+        if lora_rank <= 0:
+            raise ValueError(f"plan.lora_rank: {lora_rank}; the lora plan needs a rank >= 1")
+        return Plan(num_layers, lora_rank=int(lora_rank), lora_alpha=float(lora_alpha), train_head=train_head,
+                    name="lora", notes=f"LoRA baseline: rank {lora_rank}, alpha {lora_alpha:g}, every projection")
+    if lora_rank:
+        kw_lora = {"lora_rank": int(lora_rank), "lora_alpha": float(lora_alpha)}
+    else:
+        kw_lora = {}
     init = init or default_init(kind)
-    kw = {"train_head": True} if train_head else {}
+    kw = ({"train_head": True} if train_head else {}) | kw_lora
     if kind == "shallow":
         prune_arg = list(prune_layers) if prune_layers else prune_mode
         return shallow(num_layers, expand, len(prune_layers) if prune_layers else prune, prune=prune_arg,
@@ -331,8 +354,8 @@ def plan_from(kind: str, num_layers: int, *, expand: int = 0, prune: int = 0, pr
             raise SlayerError(f"{path}: plan file not found; expected a plan .json (or an exported config.json)")
         try:
             d = json.loads(path.read_bytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SlayerError(f"{path}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # not JSON or UTF-8, a 4300-digit number, nested too deeply
+            raise SlayerError(f"{path}: not valid JSON ({first_line(e)[:100]})") from None
         d = d.get(RECORD_KEY, d) if isinstance(d, dict) else d  # an exported config.json: its record
         d = d.get("plan", d) if isinstance(d, dict) else d
         if not isinstance(d, dict):
@@ -361,7 +384,7 @@ def training_mask(params: Params, plan: Plan | None, *, record: Record | None = 
     if plan is not None:
         lmap = layer_map(plan)
         mask = trainable_mask(params, [r["trainable"] for r in lmap], plan.train_embed, plan.train_norm,
-                              plan.train_head)
+                              plan.train_head, adapters=bool(plan.lora_rank))
     elif record is not None:
         mask, lmap = record.mask(params), [dict(r) for r in record.layer_map]
     else:
@@ -385,7 +408,8 @@ def layer_map(plan: Plan) -> list[dict[str, Any]]:
             if i in refresh:
                 out.append({"kind": "refreshed", "from": [i, i + 1], "trainable": True})
             else:
-                out.append({"kind": "original", "from": [i], "trainable": False})
+                out.append({"kind": "original", "from": [i], "trainable": False}
+                           | ({"adapter": plan.lora_rank} if plan.lora_rank else {}))
         if i in after:
             src = sorted(set(block_sources(L, i, plan.init)))
             out.append({"kind": "inserted", "from": src, "trainable": True})
@@ -395,15 +419,37 @@ def layer_map(plan: Plan) -> list[dict[str, Any]]:
 
 
 def trainable_mask(params: Params, layers_trainable: Sequence[bool], train_embed: bool = False,
-                   train_norm: bool = False, train_head: bool = False) -> Params:
-    """A bool pytree over ``params``: whole layers by the given flags, the rest by role."""
+                   train_norm: bool = False, train_head: bool = False, adapters: bool = False) -> Params:
+    """A bool pytree over ``params``: whole layers by the given flags, the rest by role; with
+    ``adapters``, every LoRA factor (role ``lora_a`` / ``lora_b``) as well."""
     if len(layers_trainable) != len(params["layers"]):
         raise ValueError(f"mask: {len(layers_trainable)} layer flags for {len(params['layers'])} layers")
     role = {"embed": train_embed, "norm": train_norm, "lm_head": train_head}
     mask: Params = {k: jax.tree_util.tree_map(lambda _: bool(role[k]), v) for k, v in params.items() if k != "layers"}
-    mask["layers"] = [jax.tree_util.tree_map(lambda _, t=bool(t): t, layer)
-                      for layer, t in zip(params["layers"], layers_trainable)]
+    mask["layers"] = [jax.tree_util.tree_map_with_path(
+        lambda path, _, t=bool(t): t or (adapters and getattr(path[-1], "key", None) in ADAPTER_FACTORS), layer)
+        for layer, t in zip(params["layers"], layers_trainable)]
     return mask
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+ADAPTER_FACTORS = ("lora_a", "lora_b")  # the trainable factors; "lora_scale" (alpha / rank) stays frozen
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_adapters(layer: Params, rank: int, alpha: float, key: jax.Array) -> Params:
+    """The layer with a LoRA adapter on each projection: ``lora_a`` [in, rank] ~ N(0, 1/in),
+    ``lora_b`` [rank, out] zeros (so the layer computes exactly what it did), ``lora_scale`` =
+    alpha / rank. The kernel and everything else keep their very leaf objects."""
+    out = dict(layer)
+    for j, name in enumerate(PROJECTIONS):
+        kernel = layer[name]["kernel"]
+        d_in, d_out = kernel.shape
+        a = jax.random.normal(jax.random.fold_in(key, j), (d_in, rank), jnp.float32) / np.sqrt(d_in)
+        out[name] = dict(layer[name], lora_a=a.astype(kernel.dtype), lora_b=jnp.zeros((rank, d_out), kernel.dtype),
+                         lora_scale=jnp.asarray(alpha / rank, jnp.float32))
+    return out
+
 
 
 def apply_plan(params: Params, plan: Plan) -> tuple[Params, Params, list[dict[str, Any]]]:
@@ -422,6 +468,10 @@ def apply_plan(params: Params, plan: Plan) -> tuple[Params, Params, list[dict[st
             layers.append(refreshed[rec["from"][0]])
         else:
             layers.append(new_block(params, rec["from"][0], plan.init, plan.identity)[0])
+    if plan.lora_rank:
+        key = jax.random.PRNGKey(0)
+        layers = [add_adapters(layer, plan.lora_rank, plan.lora_alpha, jax.random.fold_in(key, j))
+                  if rec.get("adapter") else layer for j, (layer, rec) in enumerate(zip(layers, lmap))]
     new_params = _with_layers(params, layers)
     return new_params, training_mask(new_params, plan)[0], lmap
 
@@ -433,6 +483,9 @@ def apply_plan(params: Params, plan: Plan) -> tuple[Params, Params, list[dict[st
 RECORD_KEY = "slayer"
 REST = ("embed", "norm", "lm_head")  # what is trainable besides whole layers, by role
 KINDS = ("original", "inserted", "refreshed")
+# The optimizer's parameter groups (training.step.param_groups): a leaf's provenance, the kind of its
+# layer in the layer map, or its role: a LoRA factor, or what it is outside the layers.
+GROUPS = (*KINDS, "adapter", *REST)
 
 
 def original_layer_map(n_layers: int, trainable: bool) -> list[dict[str, Any]]:
@@ -491,7 +544,7 @@ def parse_record(d: Any, where: str = "config.json") -> Record:
     if not isinstance(lmap, list) or not lmap:
         raise _record_error(where, "layer_map", "a non-empty list of layers")
     for j, r in enumerate(lmap):
-        ok = (isinstance(r, dict) and r.get("index") == j and r.get("kind") in KINDS
+        ok = (isinstance(r, dict) and type(r.get("index")) is int and r["index"] == j and r.get("kind") in KINDS
               and isinstance(r.get("trainable"), bool) and isinstance(r.get("from"), list)
               and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in r["from"]))
         if not ok:
@@ -526,7 +579,7 @@ def read_record(model: Any) -> Record | None:
         if not path.exists():
             return None
         d = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None  # unreadable configs are the importer's to report
     if not isinstance(d, dict) or d.get(RECORD_KEY) is None:
         return None

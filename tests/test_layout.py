@@ -16,7 +16,7 @@ from slayer_jax.modeling.config import ModelConfig
 from slayer_jax.modeling.model import forward, init_params
 from slayer_jax.parallel.sharding import make_mesh
 from slayer_jax.training.configs import base_config
-from slayer_jax.training.train import build_step, split_params
+from slayer_jax.training.step import build_step, split_params
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16)

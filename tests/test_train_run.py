@@ -161,6 +161,7 @@ def test_epochs_key_and_the_run_says_what_it_will_do(tiny_setup, capsys):
 def test_resume_into_other_plan_is_refused_and_nan_stops(tiny_setup):
     from slayer_jax.errors import SlayerError
     from slayer_jax.io.checkpoint import TrainCheckpointer
+    from slayer_jax.training import step as step_mod
     from slayer_jax.training import train as train_mod
     from slayer_jax.training.configs import load_config_file
 
@@ -174,18 +175,18 @@ def test_resume_into_other_plan_is_refused_and_nan_stops(tiny_setup):
         train_mod.run(other)
 
     more = load_config_file(REPO / "configs" / "smollm2_slayer.py", overrides(work, "nan", steps=4, batch_size=8))
-    real = train_mod.loss_sums_from_hidden
+    real = step_mod.loss_sums_from_hidden
 
     def nan_loss(*args, **kwargs):
         total, weight = real(*args, **kwargs)
         return total * np.nan, weight
 
-    train_mod.loss_sums_from_hidden = nan_loss
+    step_mod.loss_sums_from_hidden = nan_loss
     try:
         with pytest.raises(SlayerError, match=r"step 3: loss is nan.*step 2"):
             train_mod.run(more)
     finally:
-        train_mod.loss_sums_from_hidden = real
+        step_mod.loss_sums_from_hidden = real
     assert TrainCheckpointer(work / "nan" / "checkpoints").latest_step() == 2
 
 

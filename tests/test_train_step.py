@@ -11,7 +11,7 @@ from slayer_jax import surgery
 from slayer_jax.modeling.config import ModelConfig
 from slayer_jax.modeling.model import init_params
 from slayer_jax.parallel.sharding import batch_sharding, make_mesh, param_shardings
-from slayer_jax.training.train import (
+from slayer_jax.training.step import (
     OptimConfig,
     StepConfig,
     compile_step,

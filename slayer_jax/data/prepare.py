@@ -233,7 +233,6 @@ def prepare_corpus(source: str | os.PathLike, tokenizer, out: str | os.PathLike,
     write ``out`` (module docstring); returns the manifest. Memory: one tokeniser batch, the
     packer's open rows and the shuffle's index, never the corpus."""
 
-
     if storage.is_remote(out):  # gs://: written locally, then uploaded (array_record writes local files)
         import tempfile
 

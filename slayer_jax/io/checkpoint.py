@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from slayer_jax import storage
-from slayer_jax.errors import SlayerError
+from slayer_jax.errors import SlayerError, first_line
 from slayer_jax.io.hf import load_tokenizer
 from slayer_jax.modeling.config import ModelConfig, load_config
 from slayer_jax.modeling.model import Params, expected_shapes
@@ -83,19 +83,26 @@ def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
     mesh: restore every leaf as a global ``jax.Array`` with its role sharding
     (:func:`slayer_jax.parallel.sharding.param_shardings`); orbax then reads only the local shards."""
 
-
     path = Path(path).absolute()
     if not is_model_checkpoint(path):
         raise SlayerError(f"{path}: not a slayer checkpoint (expected config.json and {PARAMS_DIR}/)")
     cfg, n_layers = load_config(path)
-    abstract = expected_shapes(cfg, n_layers)
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path / PARAMS_DIR)
-        tree_meta = getattr(meta, "item_metadata", meta)
-        saved = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
+        try:  # orbax's own files (JSON, OCDBT): any damage surfaces as one of many exception types
+            meta = ckptr.metadata(path / PARAMS_DIR)
+            tree_meta = getattr(meta, "item_metadata", meta)
+            saved = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
+        except Exception as e:  # noqa: BLE001
+            raise SlayerError(f"{path / PARAMS_DIR}: unreadable checkpoint metadata ({first_line(e)[:200]}); expected the "
+                              f"orbax files `slayer convert --to checkpoint` writes") from None
+        if n_layers > len(saved):  # before anything is built per layer: a huge count must not exhaust memory
+            raise SlayerError(f"{path / 'config.json'}: field 'num_hidden_layers' is {n_layers}; the checkpoint "
+                              f"holds {len(saved)} arrays, too few for that many layers")
+        abstract = expected_shapes(cfg, n_layers)
         want = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
         for key in sorted(set(saved) | set(want)):
-            if key not in saved or key not in want or tuple(saved[key].shape) != tuple(want[key].shape):
+            shape = getattr(saved.get(key), "shape", None)
+            if key not in want or shape is None or tuple(shape) != tuple(want[key].shape):
                 raise SlayerError(f"{path / PARAMS_DIR}: leaf {key} does not match config.json "
                                   f"({n_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
         shardings = {}
@@ -108,7 +115,11 @@ def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
             lambda p, a: jax.ShapeDtypeStruct(a.shape, np.dtype(dtype) if dtype is not None
                                               else saved[jax.tree_util.keystr(p)].dtype,
                                               sharding=shardings.get(jax.tree_util.keystr(p))), abstract)
-        params = ckptr.restore(path / PARAMS_DIR, target)
+        try:
+            params = ckptr.restore(path / PARAMS_DIR, target)
+        except Exception as e:  # noqa: BLE001 - tensorstore reports damaged data as a plain Exception
+            raise SlayerError(f"{path / PARAMS_DIR}: cannot be restored ({first_line(e)[:200]}); the checkpoint's "
+                              f"files are damaged or truncated") from None
     return params, cfg, load_tokenizer(path)
 
 
@@ -136,7 +147,6 @@ def tree_hash(tree: Any) -> str:
     checksum of its bits computed on its devices. Nothing is fetched to the host, so it works on
     arrays sharded over several processes (each process gets the same answer), and it equals the
     single-process value for the same weights."""
-
 
     h = hashlib.sha256()
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -187,7 +197,15 @@ class TrainCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise SlayerError(f"{self.directory}: no checkpoint to restore")
-        saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        where = f"{self.directory}/{step}"
+        try:
+            saved_meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax reports a damaged file as any of many types
+            raise SlayerError(f"{where}/meta: unreadable ({first_line(e)[:200]}); expected the JSON a training "
+                              f"checkpoint stores") from None
+        if not isinstance(saved_meta, dict):
+            raise SlayerError(f"{where}/meta: a JSON {type(saved_meta).__name__}; expected the object a training "
+                              f"checkpoint stores")
         meta = json.loads(json.dumps(meta, default=str))  # tuples -> lists, as stored
         old = saved_meta.get("base_hash")
         if old and str(meta.get("base_hash")).startswith(HASH_VERSION) and not str(old).startswith(HASH_VERSION):
@@ -204,8 +222,12 @@ class TrainCheckpointer:
             raise SlayerError(f"{data_dir}: no data iterator state for process {jax.process_index()} of "
                               f"{jax.process_count()} (found {saved or 'none'}); resume with the process count "
                               f"that wrote it, or start a new workdir")
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(loader)))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(loader)))
+        except Exception as e:  # noqa: BLE001 - tensorstore and grain report damaged files as plain Exceptions
+            raise SlayerError(f"{where}: cannot be restored ({first_line(e)[:200]}); the checkpoint's files are "
+                              f"damaged or truncated") from None
         return restored["state"], step
 
     def wait(self) -> None:

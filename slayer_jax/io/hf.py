@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from slayer_jax import storage
 from slayer_jax.errors import SlayerError
 from slayer_jax.io.safetensors_stream import SafetensorsFile, write_safetensors
-from slayer_jax.modeling.config import ModelConfig, load_config
-from slayer_jax.modeling.model import Params, as_dtype
+from slayer_jax.modeling.config import ModelConfig, load_config, show_value
+from slayer_jax.modeling.model import Params, as_dtype, merge_adapters
 from slayer_jax.parallel import multihost
 from slayer_jax.storage import staging_path
 
@@ -118,13 +118,22 @@ def _weight_files(path: Path) -> dict[str, SafetensorsFile]:
     single, index = path / SINGLE_FILE, path / INDEX_FILE
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise SlayerError(f"{index}: field 'weight_map' is missing or the file is not valid JSON") from None
+            d = json.loads(index.read_bytes())
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, a 4300-digit number, nested too deeply
+            raise SlayerError(f"{index}: not valid JSON; expected an object with field 'weight_map'") from None
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict):
+            shown = "missing" if not isinstance(d, dict) or "weight_map" not in d else type(weight_map).__name__
+            raise SlayerError(f"{index}: field 'weight_map' is {shown}; expected an object of tensor name -> "
+                              f"file name")
+        for name, f in weight_map.items():  # a file beside the index, never a path elsewhere
+            if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\\" in f:
+                raise SlayerError(f"{index}: field 'weight_map.{json.dumps(name)[1:-1]}' is {show_value(f)}; expected the "
+                                  f"name of a .safetensors file in the same directory")
         files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
         for name, f in weight_map.items():
             if name not in files[f].entries:
-                raise SlayerError(f"{path / f}: tensor '{name}' is listed in {INDEX_FILE} but missing from the file")
+                raise SlayerError(f"{path / f}: tensor {name!r} is listed in {INDEX_FILE} but missing from the file")
         return {name: files[f] for name, f in weight_map.items()}
     if single.exists():
         f = SafetensorsFile(single)
@@ -166,6 +175,9 @@ def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, mesh
         raise SlayerError(f"{path}: not a directory; expected an HF model directory with config.json")
     cfg, n_layers = load_config(path)
     where = _weight_files(path)
+    if n_layers > len(where):  # before anything is built per layer: a huge count must not exhaust memory
+        raise SlayerError(f"{path / 'config.json'}: field 'num_hidden_layers' is {n_layers}; the weights hold "
+                          f"{len(where)} tensors, too few for that many layers")
     dtype = None if dtype is None else np.dtype(as_dtype(dtype))
     if shardings is None and mesh is not None:
         from slayer_jax.modeling.model import expected_shapes
@@ -181,7 +193,7 @@ def load_hf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, mesh
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some exporters write the tied head too; it is the embedding
-        raise SlayerError(f"{f.path}: unexpected tensor '{name}' (config.json says {n_layers} layers, "
+        raise SlayerError(f"{f.path}: unexpected tensor {name!r} (config.json says {n_layers} layers, "
                           f"attention_bias={cfg.attention_bias}, mlp_bias={cfg.mlp_bias})")
     for tree_path, name, transposed in tqdm(wanted, desc=f"import {path.name}", unit="tensor",
                                              disable=None if progress else True, file=sys.stderr):
@@ -271,6 +283,7 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise SlayerError(f"{out_dir}: already exists; pass overwrite=True (--overwrite) to replace it")
+    params = merge_adapters(params)  # an HF model has no LoRA adapters: each is folded into its kernel
     n_layers = len(params["layers"])
     entries = list(hf_tensor_map(cfg, n_layers))
     for tree_path, name, transposed in entries:  # validate the tree before writing anything

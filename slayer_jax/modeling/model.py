@@ -102,7 +102,8 @@ dot_product_attention = xla_attention
 
 
 def dense(proj: Params, x_BxTxI: jax.Array, dtype: Any, kernels: str = "in_out") -> jax.Array:
-    """One projection ``{"kernel", "bias"?}`` of x [..., in] -> [..., out], as ``flax.linen.Dense``.
+    """One projection ``{"kernel", "bias"?, LoRA "lora_a", "lora_b", "lora_scale"?}`` of x [..., in] -> [..., out],
+    as ``flax.linen.Dense`` (plus ``lora_scale * x @ lora_a @ lora_b`` where an adapter is present).
 
     kernels: how the kernel is stored. "in_out": [in, out], as in params (x @ kernel). "out_in":
     [out, in], a decode layout's transposed copy, multiplied weights first (kernel @ x^T: the
@@ -113,7 +114,27 @@ def dense(proj: Params, x_BxTxI: jax.Array, dtype: Any, kernels: str = "in_out")
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
     else:
         y = jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
+    if "lora_a" in proj:  # a LoRA adapter beside the frozen kernel: y += scale * (x @ A) @ B
+        if kernels != "in_out":
+            raise ValueError("dense: a LoRA adapter in a decode layout; merge it first (merge_adapters)")
+        y = y + proj["lora_scale"].astype(dtype) * ((x @ proj["lora_a"].astype(dtype)) @ proj["lora_b"].astype(dtype))
     return y + proj["bias"].astype(dtype) if "bias" in proj else y
+
+
+def merge_adapters(params: Params) -> Params:
+    """Every LoRA adapter folded into its kernel (kernel + scale * A @ B, in fp32, back to the
+    kernel's dtype) and removed: the plain model an HF export or a decode layout holds."""
+    def merge(proj):
+        if not isinstance(proj, dict) or "lora_a" not in proj:
+            return proj
+        k = proj["kernel"]
+        delta = proj["lora_scale"].astype(jnp.float32) * (proj["lora_a"].astype(jnp.float32)
+                                                          @ proj["lora_b"].astype(jnp.float32))
+        return {n: v for n, v in proj.items() if not n.startswith("lora_")} | {
+            "kernel": (k.astype(jnp.float32) + delta).astype(k.dtype)}
+    if not any("lora_a" in p for layer in params["layers"] for p in layer.values() if isinstance(p, dict)):
+        return params
+    return dict(params, layers=[{n: merge(p) for n, p in layer.items()} for layer in params["layers"]])
 
 
 def block(cfg: ModelConfig, dtype: Any, layer: Params, x_BxTxD, cos_BxTxDh, sin_BxTxDh, attend, kv=None,

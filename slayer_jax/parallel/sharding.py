@@ -28,17 +28,22 @@ BATCH_AXES = ("data", "fsdp")  # activations: batch is split over both data-para
 # [k] axis, never split; the rest of the spec is the layers' own, by role.
 STACKED = "stacked"
 
+# A LoRA adapter on a projection (surgery's "lora" plans): lora_a [in, r] splits its input dim as the
+# kernel does, lora_b [r, out] its output dim; the rank and the scalar lora_scale are never split.
+COLUMN_LORA = {"lora_a": ("fsdp", None), "lora_b": (None, "tensor"), "lora_scale": ()}
+ROW_LORA = {"lora_a": ("tensor", None), "lora_b": (None, "fsdp"), "lora_scale": ()}
+
 # role -> spec per leaf name; role is the dict key directly above the leaf
 RULES: dict[str, dict[str, tuple]] = {
     "embed": {"embedding": ("tensor", "fsdp")},  # [V, D]
     "lm_head": {"kernel": ("fsdp", "tensor")},  # [D, V]
-    "q_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",)},
-    "k_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",)},
-    "v_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",)},
-    "o_proj": {"kernel": ("tensor", "fsdp"), "bias": (None,)},
-    "gate_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",)},
-    "up_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",)},
-    "down_proj": {"kernel": ("tensor", "fsdp"), "bias": (None,)},
+    "q_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), **COLUMN_LORA},
+    "k_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), **COLUMN_LORA},
+    "v_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), **COLUMN_LORA},
+    "o_proj": {"kernel": ("tensor", "fsdp"), "bias": (None,), **ROW_LORA},
+    "gate_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), **COLUMN_LORA},
+    "up_proj": {"kernel": ("fsdp", "tensor"), "bias": ("tensor",), **COLUMN_LORA},
+    "down_proj": {"kernel": ("tensor", "fsdp"), "bias": (None,), **ROW_LORA},
     "attn_norm": {"scale": (None,)},
     "mlp_norm": {"scale": (None,)},
     "norm": {"scale": (None,)},

@@ -34,9 +34,8 @@ from slayer_jax.modeling.config import ModelConfig, load_config
 from slayer_jax.modeling.known_models import known_config
 from slayer_jax.modeling.model import expected_shapes
 from slayer_jax.parallel.sharding import AXES, make_mesh, opt_state_specs, param_specs, parse_mesh
-from slayer_jax.training.train import (
+from slayer_jax.training.step import (
     OptimConfig,
-    build_plan,
     build_step,
     flops_per_token,
     hlo_fingerprint,
@@ -44,6 +43,7 @@ from slayer_jax.training.train import (
     make_optimizer,
     split_params,
 )
+from slayer_jax.training.train import build_plan
 
 # Per chip: HBM, dense bf16 peak FLOP/s. TPU names are gcloud accelerator types: v4-N and v5p-N
 # count TensorCores (2 per chip), v5litepod-N and v6e-N count chips. GPUs: one device each.
@@ -103,7 +103,6 @@ def tpu_devices(acc: dict[str, Any]) -> list:
 def model_config_of(c) -> tuple[ModelConfig, int]:
     """The model's config without weights: ``model/config.json`` when the model is a local
     directory, else ``model_config`` (a known name)."""
-
 
     path = Path(str(c.model))
     if path.is_dir() and (path / "config.json").exists():  # the model's own config wins: it is what trains
@@ -297,7 +296,7 @@ def collective_matmul_bytes(cfg: ModelConfig, lmap: list, rows: int, seq_len: in
 
 def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None = None,
                  target: str = "auto") -> dict[str, Any]:
-    """Lower and compile the step ``slayer train`` runs (:func:`slayer_jax.training.train.build_step`) for the
+    """Lower and compile the step ``slayer train`` runs (:func:`slayer_jax.training.step.build_step`) for the
     target's devices, and report the compiler's own figures.
 
     ``target``: ``tpu`` compiles for the real TPU topology of ``device`` through libtpu's deviceless
@@ -305,7 +304,6 @@ def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None =
     sets XLA_FLAGS before jax starts); ``auto``: tpu when ``device`` is a TPU and libtpu is
     installed, else cpu. Figures are the compiler's estimates, not measurements: per-device bytes
     (arguments, temporaries, outputs), FLOPs, and for TPUs ``optimal_seconds`` and the MFU it implies."""
-
 
     acc = accelerator(device)
     shape = mesh_for(mesh_spec, acc)
@@ -321,7 +319,7 @@ def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None =
         devices = jax.devices()[:n]
     mesh = make_mesh(shape, devices=devices)
     tr, fr, mask, lmap, cfg = abstract_run(c, num_layers)
-    program = build_step(c, cfg, mesh, tr, fr, int(c.steps))
+    program = build_step(c, cfg, mesh, tr, fr, int(c.steps), layer_kinds=[r["kind"] for r in lmap])
     B, T = int(c.batch_size), int(c.data.seq_len)
     t0 = time.perf_counter()
     lowered = program.lower(tr, fr, B, T)

@@ -12,6 +12,8 @@ import ml_collections
 
 from slayer_jax.errors import SlayerError
 from slayer_jax.parallel.sharding import parse_mesh
+from slayer_jax.surgery import GROUPS as OPTIM_GROUPS
+from slayer_jax.surgery import PLAN_KINDS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 4
 
     c.plan = ml_collections.ConfigDict()
-    c.plan.kind = "shallow"  # none | shallow | uniform | file | from_model (the model's own record: continue training)
+    c.plan.kind = "shallow"  # none | shallow | uniform | lora | file | from_model (the model's own record: continue training)
     c.plan.expand = 7
     c.plan.prune = 0
     c.plan.prune_mode = "deepest"  # deepest | keep_last
@@ -49,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.plan.init = ""  # "" = the kind's own: shallow averages neighbours, uniform (LLaMA Pro) copies
     c.plan.file = ""
     c.plan.train_head = False
+    c.plan.lora_rank = 0  # > 0: LoRA adapters of this rank on every frozen projection (kind "lora": the baseline)
+    c.plan.lora_alpha = 16.0  # adapter scale alpha / rank
 
     c.data = ml_collections.ConfigDict()
     # .txt / dir / .jsonl / .parquet / datasets name (tokenised in memory), or a `slayer data prepare`
@@ -72,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
+    # Per-group multipliers of the learning rate and the weight decay. A group is a leaf's provenance
+    # (the layer map's kind: inserted / refreshed / original) or role (adapter, embed, norm, lm_head).
+    c.optim.lr_mult = ml_collections.ConfigDict({g: 1.0 for g in OPTIM_GROUPS})  # learning rate x, per group
+    c.optim.wd_mult = ml_collections.ConfigDict({g: 1.0 for g in OPTIM_GROUPS})  # weight decay x, per group
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50
@@ -91,13 +99,24 @@ def base_config() -> ml_collections.ConfigDict:
 
 def describe_keys() -> str:
     """Every config key with its default and the comment beside it in :func:`base_config`, one
-    per line (``slayer train --help``)."""
-
-    out = []
+    per line (``slayer train --help``); the members of a group (``optim.lr_mult.*``) share its comment."""
+    comments = {}
     for line in inspect.getsource(base_config).splitlines():
         m = re.match(r"\s+c\.([\w.]+) = (.+?)(?:\s+#\s*(.*))?$", line)
-        if m and not m.group(2).startswith("ml_collections.ConfigDict"):
-            out.append(f"  {m.group(1):<28} {m.group(2):<22} {m.group(3) or ''}".rstrip())
+        if m:
+            comments[m.group(1)] = m.group(3) or ""
+    out = []
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            key = prefix + k
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                note = comments.get(key) or comments.get(key.rpartition(".")[0], "")
+                out.append(f"  {key:<28} {v!r:<22} {note}".rstrip())
+
+    walk(base_config().to_dict(), "")
     return "\n".join(out)
 
 
@@ -134,8 +153,7 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
         ("remat", c.remat in ("none", "full", "save_dots"), "none, full or save_dots"),
         ("attention", c.get("attention", "auto") in ("auto", "xla", "splash", "cudnn"), "auto, xla, splash or cudnn"),
         ("loss_chunk", int(c.get("loss_chunk", 0)) >= 0, "0 (full logits) or a positive vocabulary chunk"),
-        ("plan.kind", c.plan.kind in ("none", "shallow", "uniform", "file", "from_model"),
-         "none, shallow, uniform, file or from_model"),
+        ("plan.kind", c.plan.kind in PLAN_KINDS, f"one of {', '.join(PLAN_KINDS)}"),
         ("data.mode", c.data.mode in ("text", "sft"), "text or sft"),
         ("data.seq_len", int(c.data.seq_len) > 1, "an integer > 1"),
     ):
