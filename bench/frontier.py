@@ -1,0 +1,208 @@
+"""The recall-forgetting frontier: the S strategy against LLaMA Pro, full fine-tuning and LoRA.
+
+Every run is `slayer train` (a subprocess per run, the command a user types) on SmolLM2-135M-Instruct
+with the knowledge-injection probe's training text (``slayer_jax.evaluation.probe``: fictional
+people's biographies, question-answer text for half of them) as its domain corpus. All runs of a
+study take the same tokens: the same steps, batch and sequence length. Each exported model is
+then evaluated once, in this process, with one evaluator (``evaluate.run_eval``) and the base
+model loaded once:
+
+- recall: the probe's held-out questions (people whose question-answer text was never trained):
+  multiple-choice log-likelihood accuracy (chance 0.25) and greedy exact match; the training
+  split's questions too;
+- forgetting: ``kl`` (mean per-token KL(base || tuned) on the shipped English text) and the
+  generated general multiple-choice set (``--mcq large``, 463 questions).
+
+Methods (``--methods``): ``slayer`` (S strategy: 7 averaged identity blocks over the first half,
+as configs/smollm2_slayer.py), ``llama_pro`` (7 copied blocks spread uniformly), ``full`` (full
+fine-tuning), ``lora`` (rank 8 on every projection); each at the learning rates ``--lrs-METHOD``.
+Levers of the S strategy (``--levers``): ``lr_mult5`` (new blocks at 5x the rate), ``refresh``
+(the refreshed last layer, one deep layer pruned), ``blocks3`` (3 new blocks instead of 7).
+
+    python bench/frontier.py --out /tmp/frontier --people 12 --steps 40 --seeds 0 \\
+        [--methods slayer,llama_pro,full,lora] [--lrs-slayer 1e-3,5e-3] [--levers lr_mult5,refresh]
+
+Writes OUT/results.json (one record per run), OUT/results.md (mean +- sd over seeds) and
+OUT/frontier.png (held-out recall against KL, one line per method over its learning rates).
+Runs already in results.json are skipped, so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+METHODS = {
+    "slayer": ["plan.kind=shallow", "plan.expand=7"],
+    "llama_pro": ["plan.kind=uniform", "plan.expand=7"],
+    "full": ["plan.kind=none", "full_finetune=True"],
+    "lora": ["plan.kind=lora", "plan.lora_rank=8", "plan.lora_alpha=16"],
+}
+LEVERS = {  # the S strategy with one lever turned
+    "lr_mult5": ["plan.kind=shallow", "plan.expand=7", "optim.lr_mult.inserted=5.0"],
+    "refresh": ["plan.kind=shallow", "plan.expand=7", "plan.prune=1", "plan.refresh_last=True"],
+    "blocks3": ["plan.kind=shallow", "plan.expand=3"],
+}
+DEFAULT_LRS = {"slayer": "1e-3,5e-3", "llama_pro": "1e-3,5e-3", "full": "1e-4,5e-4", "lora": "1e-3,5e-3"}
+
+
+def log(msg: str) -> None:
+    print(f"[frontier {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(out: Path, name: str, overrides: list[str], a) -> Path:
+    """One `slayer train` run; its HF export."""
+    run_dir = out / "runs" / name
+    args = [f"model={a.model}", f"workdir={run_dir}", f"export_dir={run_dir / 'hf'}", f"steps={a.steps}",
+            f"batch_size={a.batch_size}", f"data.seq_len={a.seq_len}", f"data.source={out / 'probe' / 'train.jsonl'}",
+            "epochs=0", "num_devices=1", "log_every=5", "eval_every=100000", "checkpoint.every=100000",
+            "checkpoint.async_save=False", "optim.weight_decay=0.0", *overrides]
+    cmd = [sys.executable, "-m", "slayer_jax.cli", "train", "--config", str(REPO / "configs" / "smollm2_slayer.py"),
+           *[f"--config.{x}" for x in args]]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name}: slayer train failed:\n{p.stderr[-3000:]}")
+    log(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
+    return run_dir / "hf"
+
+
+def last_loss(run_dir: Path) -> float | None:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["loss"] if lines else None
+
+
+def evaluate_model(export: Path, out: Path, base_loaded, a) -> dict:
+    from slayer_jax.evaluation import evaluate
+    from slayer_jax.io import load_any
+
+    res = evaluate.run_eval(str(export), ["probe", "kl", "mcq"], loaded=load_any(str(export)),
+                            base_loaded=base_loaded, base=a.model, probe=str(out / "probe"), mcq="large",
+                            batch_size=8)
+    t = res["tasks"]
+    return {"heldout_mcq": t["probe"]["heldout_mcq_acc"], "heldout_em": t["probe"]["heldout_em"],
+            "train_mcq": t["probe"]["train_mcq_acc"], "train_em": t["probe"]["train_em"],
+            "kl": t["kl"]["kl"], "general_mcq": t["mcq"]["acc"]}
+
+
+def summarize(results: list[dict]) -> str:
+    import numpy as np
+
+    keys = ("heldout_mcq", "heldout_em", "train_mcq", "train_em", "kl", "general_mcq", "last_loss")
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    rows = ["| method | peak LR | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
+    for (m, lr), rs in groups.items():
+        cells = []
+        for k in keys:
+            v = [r[k] for r in rs if r.get(k) is not None]
+            cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else (f"{v[0]:.3f}" if v else "-"))
+        rows.append(f"| {m} | {lr:g} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    by_method: dict[str, dict[float, list[dict]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
+    for m, lrs in by_method.items():
+        pts = sorted((float(np.mean([r["kl"] for r in rs])), float(np.mean([r["heldout_mcq"] for r in rs])), lr)
+                     for lr, rs in lrs.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+        for x, y, lr in pts:
+            ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    base = [r for r in results if r["method"] == "base"]
+    if base:
+        ax.axhline(base[0]["heldout_mcq"], color="grey", ls=":", label="base model")
+    ax.set_xlabel("forgetting: KL(base || tuned) per token, English text")
+    ax.set_ylabel("recall: held-out probe MCQ accuracy")
+    ax.set_title("Recall against forgetting, equal tokens (labels: peak LR)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--people", type=int, default=12)
+    ap.add_argument("--probe-seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--methods", default="slayer,llama_pro,full,lora")
+    ap.add_argument("--levers", default="")
+    for m, lrs in DEFAULT_LRS.items():
+        ap.add_argument(f"--lrs-{m.replace('_', '-')}", default=lrs)
+    ap.add_argument("--lrs-levers", default="1e-3")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from slayer_jax.evaluation import probe
+    from slayer_jax.io import load_any
+
+    if not (out / "probe" / probe.MANIFEST).exists():
+        probe.write_task(probe.make_task(a.people, a.probe_seed), out / "probe")
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else []
+    done = {(r["method"], r["lr"], r["seed"]) for r in results}
+
+    def save():
+        tmp = res_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(res_path)
+
+    base_loaded = load_any(a.model)
+    if ("base", 0.0, 0) not in done:
+        results.append({"method": "base", "lr": 0.0, "seed": 0, "last_loss": None,
+                        **evaluate_model(Path(a.model), out, base_loaded, a)})
+        save()
+        log(f"base: {results[-1]}")
+    runs = []  # every method's first learning rate first, so a cut-short study still compares methods
+    for m in filter(None, a.methods.split(",")):
+        for k, lr in enumerate(getattr(a, f"lrs_{m}").split(",")):
+            runs.append((k, m, float(lr), METHODS[m]))
+    runs = [r[1:] for r in sorted(runs, key=lambda r: r[0])]
+    for lever in filter(None, a.levers.split(",")):
+        for lr in a.lrs_levers.split(","):
+            runs.append((f"slayer+{lever}", float(lr), LEVERS[lever]))
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for m, lr, ov in runs:
+            if (m, lr, seed) in done:
+                continue
+            name = f"{m}_lr{lr:g}_s{seed}"
+            export = train(out, name, [*ov, f"optim.peak_lr={lr}", f"seed={seed}"], a)
+            rec = {"method": m, "lr": lr, "seed": seed, "last_loss": last_loss(out / "runs" / name),
+                   **evaluate_model(export, out, base_loaded, a)}
+            results.append(rec)
+            save()
+            log(f"{name}: {rec}")
+    (out / "results.md").write_text(
+        f"# Recall against forgetting: {a.people} people, {a.steps} steps x {a.batch_size} x {a.seq_len} tokens\n\n"
+        + summarize(results) + "\n")
+    plot(results, out / "frontier.png")
+    print(summarize(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
