@@ -107,9 +107,29 @@ def _json_object(path: Path, lineno: int, line: str) -> dict:
     except json.JSONDecodeError as e:
         raise SlayerError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                           f"expected one JSON object per line") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits; arrays nested too deeply
+        raise SlayerError(f"{path}:{lineno}: not valid JSON ({first_line(e)[:100]}); "
+                          f"expected one JSON object per line") from None
     if not isinstance(obj, dict):
         raise SlayerError(f"{path}:{lineno}: a JSON {type(obj).__name__}; expected one JSON object per line")
     return obj
+
+
+def check_text(value: str, where: str, field: str) -> str:
+    """``value`` if it is Unicode text; JSON's ``"\\ud800"`` escapes give lone surrogates, which no
+    tokenizer can encode: a one-line SlayerError naming ``field``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SlayerError(f"{where}: field '{field}' holds a lone surrogate {value[e.start]!r} at character "
+                          f"{e.start}; expected Unicode text") from None
+    return value
+
+
+def _fields(obj: dict) -> str:
+    """The field names of a JSON object for an error line: quoted, so no name can break the line."""
+    names = [repr(k) for k in list(obj)[:20]]
+    return ", ".join(names + (["..."] if len(obj) > 20 else [])) or "none"
 
 
 def _check_doc(value: Any, where: str, field: str) -> str | None:
@@ -118,7 +138,7 @@ def _check_doc(value: Any, where: str, field: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise SlayerError(f"{where}: field '{field}' is a {type(value).__name__}; expected a string")
-    return value if value.strip() else None
+    return check_text(value, where, field) if value.strip() else None
 
 
 def _load_hf_dataset(source: str, split: str, *, saved: bool = False, builder: str | None = None):
@@ -224,7 +244,7 @@ def iter_documents(source: str | os.PathLike, *, field: str = "text", split: str
         elif suffix == ".jsonl":
             for lineno, obj in _iter_jsonl(path):
                 if field not in obj:
-                    raise SlayerError(f"{path}:{lineno}: no field '{field}' (fields: {', '.join(obj) or 'none'}); "
+                    raise SlayerError(f"{path}:{lineno}: no field '{field}' (fields: {_fields(obj)}); "
                                       f"expected a string field '{field}'")
                 if keep(obj[field], f"{path}:{lineno}") is not None:
                     yield obj[field]
@@ -291,6 +311,7 @@ def check_messages(messages: Any, where: str) -> list[dict]:
                                   f"expected string fields 'role' and 'content'")
             if not isinstance(m[key], str):
                 raise SlayerError(f"{where}: messages[{j}].{key} is a {type(m[key]).__name__}; expected a string")
+            check_text(m[key], where, f"messages[{j}].{key}")
         out.append(m)
     return out
 
@@ -311,7 +332,7 @@ def _iter_chat_jsonl(path: Path, field: str) -> Iterator[list[dict]]:
         if field not in obj:
             if field != "messages":
                 raise SlayerError(f"{path}:{lineno}: no field '{field}'; expected a list of messages")
-            raise SlayerError(f"{path}:{lineno}: no field 'messages' (fields: {', '.join(obj) or 'none'}); "
+            raise SlayerError(f"{path}:{lineno}: no field 'messages' (fields: {_fields(obj)}); "
                               f"expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
         n += 1
         yield check_messages(obj[field], f"{path}:{lineno}")

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from slayer_jax.errors import SlayerError
+from slayer_jax.errors import SlayerError, first_line
 from slayer_jax.evaluation import forgetting, sandbox
 from slayer_jax.evaluation.loglik import (  # noqa: F401
     encode,
@@ -238,7 +238,9 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
     for task, m in result.get("tasks", {}).items():
         for k, v in m.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_s", "_stderr")):
-                out[f"{task}.{k}"] = float(v)
+                # JSON's integers are unbounded: one too large for a float is shown as infinite
+                big = isinstance(v, int) and abs(v) >= 2 ** 1023
+                out[f"{task}.{k}"] = math.copysign(math.inf, v) if big else float(v)
     return out
 
 
@@ -267,6 +269,8 @@ def format_table(results: Sequence[dict[str, Any]], all_metrics: bool = False) -
 
 
 def _fmt(v: float) -> str:
+    if not math.isfinite(v):  # JSON results may hold NaN and Infinity (a diverged model)
+        return str(v)
     if v == int(v) and abs(v) >= 1:
         return str(int(v))
     return f"{v:.4f}" if abs(v) < 100 else f"{v:.2f}"
@@ -278,9 +282,9 @@ def load_result(path: str | Path) -> dict[str, Any]:
         raise SlayerError(f"{p}: not found; expected a result JSON written by `slayer eval`")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SlayerError(f"{p}: not valid JSON ({getattr(e, 'msg', 'not UTF-8')}); expected a `slayer eval` "
-                          f"result") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, a 4300-digit number, nested too deeply
+        why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else getattr(e, "msg", first_line(e)[:100])
+        raise SlayerError(f"{p}: not valid JSON ({why}); expected a `slayer eval` result") from None
     if not isinstance(d, dict):
         raise SlayerError(f"{p}: expected a JSON object (a result written by `slayer eval`), got {type(d).__name__}")
     if not isinstance(d.get("tasks"), dict):
@@ -289,8 +293,11 @@ def load_result(path: str | Path) -> dict[str, Any]:
                           f"writes")
     bad = [t for t, m in d["tasks"].items() if not isinstance(m, dict)]
     if bad:
-        raise SlayerError(f"{p}: field 'tasks.{bad[0]}' is {d['tasks'][bad[0]]!r:.60}; expected an object of "
-                          f"metric -> number")
+        raise SlayerError(f"{p}: field 'tasks.{json.dumps(bad[0])[1:-1]}' is {d['tasks'][bad[0]]!r:.60}; expected "
+                          f"an object of metric -> number")
+    for key in ("name", "model", "role"):  # the table's column title
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise SlayerError(f"{p}: field '{key}' is {d[key]!r:.60}; expected a string")
     return d
 
 

@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from slayer_jax.errors import SlayerError
+from slayer_jax.errors import SlayerError, first_line
 from slayer_jax.evaluation.loglik import prefix_token_id, rolling_windows, score_requests
 from slayer_jax.generate import Generator
 
@@ -190,9 +190,19 @@ def run_harness(lm: Any, tasks: list[str], include_path: Sequence[str] = (), lim
         tm = TaskManager(include_path=paths, include_defaults=True)
         missing = [t for t in tasks if t not in tm.all_tasks]
         if missing:
-            raise SlayerError(f"--harness-tasks: unknown lm-eval task '{missing[0]}'; expected a task of lm-eval "
+            raise SlayerError(f"--harness-tasks: unknown lm-eval task {missing[0]!r}; expected a task of lm-eval "
                               f"or of --include-path")
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=log_samples,
+    built = []  # each task built from its YAML and data here, so that a bad task file is one line
+    for t in tasks:
+        try:
+            got = tm.load([t])
+        except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many types for a bad task file
+            entry = tm.task_index.get(t)
+            where = getattr(entry, "yaml_path", None) or "--harness-tasks"
+            raise SlayerError(f"{where}: lm-eval task {t!r} cannot be built ({first_line(e)[:200]}); expected a "
+                              f"task YAML whose fields and data lm-eval can read") from None
+        built += [got["groups"][t]] if t in got["groups"] else list(got["tasks"].values())
+    return lm_eval.simple_evaluate(model=lm, tasks=built, task_manager=tm, limit=limit, log_samples=log_samples,
                                    torch_random_seed=None, **kw)
 
 

@@ -45,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from slayer_jax import surgery
-from slayer_jax.errors import SlayerError
-from slayer_jax.modeling.config import ModelConfig
+from slayer_jax.data.sources import check_text
+from slayer_jax.errors import SlayerError, first_line
+from slayer_jax.modeling.config import ModelConfig, show_value
 from slayer_jax.modeling.loss import target_logprobs
 from slayer_jax.modeling.model import (
     Params,
@@ -80,8 +81,12 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     if not path.is_file():
         raise SlayerError(f"{path}: file not found; expected a JSONL file (one JSON object a line), or 'sample'")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # lines end at "\n" only, as every JSONL reader here reads them
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SlayerError(f"{path}: line {n}: byte {e.start} is not UTF-8; expected UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -89,6 +94,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             except json.JSONDecodeError as e:
                 raise SlayerError(f"{path}: line {n}: not valid JSON ({e.msg}); expected one JSON object a line") \
                     from None
+            except (ValueError, RecursionError) as e:  # a number of over 4300 digits; arrays nested too deeply
+                raise SlayerError(f"{path}: line {n}: not valid JSON ({first_line(e)[:100]}); expected one JSON "
+                                  f"object a line") from None
     return rows
 
 
@@ -101,7 +109,7 @@ def load_text(src: str | Path) -> list[str]:
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise SlayerError(f"{path}: line {n}: field 'text' is missing or empty; expected a non-empty string")
-            docs.append(text)
+            docs.append(check_text(text, f"{path}: line {n}", "text"))
     else:
         if not path.is_file():
             raise SlayerError(f"{path}: file not found; expected a .txt or .jsonl text file, or 'sample'")
@@ -125,11 +133,15 @@ def load_mcq(src: str | Path) -> list[MCQ]:
             raise SlayerError(f"{where}: expected a JSON object with fields question, choices, answer")
         q, ch, a = row.get("question"), row.get("choices"), row.get("answer")
         if not isinstance(q, str) or not q.strip():
-            raise SlayerError(f"{where}: field 'question' is {q!r}; expected a non-empty string")
+            raise SlayerError(f"{where}: field 'question' is {show_value(q)}; expected a non-empty string")
         if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c.strip() for c in ch)):
-            raise SlayerError(f"{where}: field 'choices' is {ch!r}; expected a list of at least 2 non-empty strings")
+            raise SlayerError(f"{where}: field 'choices' is {show_value(ch)}; expected a list of at least 2 non-empty "
+                              f"strings")
+        check_text(q, where, "question")
+        for j, c in enumerate(ch):
+            check_text(c, where, f"choices[{j}]")
         if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(ch):
-            raise SlayerError(f"{where}: field 'answer' is {a!r}; expected an integer index into 'choices' "
+            raise SlayerError(f"{where}: field 'answer' is {show_value(a)}; expected an integer index into 'choices' "
                               f"(0..{len(ch) - 1})")
         out.append(MCQ(q.strip(), tuple(c.strip() for c in ch), a))
     if not out:

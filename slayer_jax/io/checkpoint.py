@@ -93,8 +93,11 @@ def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
             tree_meta = getattr(meta, "item_metadata", meta)
             saved = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
         except Exception as e:  # noqa: BLE001
-            raise SlayerError(f"{path / PARAMS_DIR}: unreadable checkpoint metadata ({first_line(e)[:200]}); expected the "
-                              f"orbax files `slayer convert --to checkpoint` writes") from None
+            raise SlayerError(f"{path / PARAMS_DIR}: unreadable checkpoint metadata ({first_line(e)[:200]}); "
+                              f"expected the orbax files `slayer convert --to checkpoint` writes") from None
+        if not saved:  # orbax logs a warning and returns nothing when its metadata files are damaged
+            raise SlayerError(f"{path / PARAMS_DIR}: unreadable checkpoint metadata (it lists no arrays); expected "
+                              f"the orbax files `slayer convert --to checkpoint` writes")
         if n_layers > len(saved):  # before anything is built per layer: a huge count must not exhaust memory
             raise SlayerError(f"{path / 'config.json'}: field 'num_hidden_layers' is {n_layers}; the checkpoint "
                               f"holds {len(saved)} arrays, too few for that many layers")
@@ -173,11 +176,15 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
 
         self.directory = epath.Path(directory if str(directory).startswith("gs://") else Path(directory).absolute())
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 create=True),
-        )
+        try:  # orbax reads every step's metadata here; it lets a damaged file's odd errors through
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                     create=True),
+            )
+        except (ValueError, RecursionError) as e:
+            raise SlayerError(f"{self.directory}: a checkpoint's metadata is unreadable ({first_line(e)[:200]}); "
+                              f"expected the files orbax writes (remove the damaged step)") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

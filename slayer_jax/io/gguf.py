@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.modeling.config import ConfigError, ModelConfig
+from slayer_jax.modeling.config import ConfigError, ModelConfig, show_value
 from slayer_jax.modeling.model import Params, as_dtype, expected_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -110,7 +110,7 @@ def _open_reader(path: Path):
     size = len(reader.data)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
-            raise SlayerError(f"{path}: truncated; tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes} "
+            raise SlayerError(f"{path}: truncated; tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
                               f"but the file has {size} bytes")
     return reader
 
@@ -120,9 +120,54 @@ def _one_line(e: BaseException) -> str:
     return msg[:200]
 
 
-def read_metadata(reader) -> dict[str, Any]:
+def read_metadata(reader, source: str = "gguf") -> dict[str, Any]:
     """All key/value fields as Python values (strings, numbers, lists)."""
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            meta[name] = field.contents()
+        except UnicodeDecodeError as e:
+            raise SlayerError(f"{source}: field {name!r} holds a string that is not UTF-8 (byte {e.start}); "
+                              f"expected UTF-8 text") from None
+        except (ValueError, IndexError) as e:
+            raise SlayerError(f"{source}: field {name!r} cannot be read ({_one_line(e)})") from None
+    return meta
+
+
+# What each kind of metadata value must be (GGUF has 13 value types; the writer picks any of them).
+_KINDS = {
+    "count": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "positive": (lambda v: _is_int(v) and v > 0, "one positive integer"),
+    "id": (lambda v: _is_int(v) and v >= 0, "a token id (an integer >= 0)"),
+    "number": (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v),
+               "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "strings": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "ints": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
+}
+_REQUIRED = object()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def metadata_value(meta: dict[str, Any], key: str, kind: str, source: str, default: Any = None,
+                   required: str | None = None) -> Any:
+    """``meta[key]`` checked to be of ``kind`` (see ``_KINDS``); ``default`` when absent, or a
+    one-line error when ``required`` (what needs it) is given."""
+    if key not in meta:
+        if required is not None:
+            raise SlayerError(f"{source}: field '{key}' is missing (required for {required})")
+        return default
+    ok, expected = _KINDS[kind]
+    v = meta[key]
+    if not ok(v):
+        raise SlayerError(f"{source}: field '{key}' is {show_value(v)}; expected {expected}")
+    return v
 
 
 def _clean_float(x: float) -> float:
@@ -136,48 +181,43 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
     """(ModelConfig, block_count) from GGUF metadata. ``tensor_shapes`` are numpy-order shapes."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise SlayerError(f"{source}: field 'general.architecture' is {arch!r}; expected 'llama'")
+        raise SlayerError(f"{source}: field 'general.architecture' is {show_value(arch)}; expected 'llama'")
 
-    def need(key: str) -> Any:
-        full = f"{arch}.{key}"
-        if full not in meta:
-            raise SlayerError(f"{source}: field '{full}' is missing (required for a llama model)")
-        return meta[full]
+    def need(key: str, kind: str) -> Any:
+        return metadata_value(meta, f"{arch}.{key}", kind, source, required="a llama model")
 
-    def opt(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
+    def opt(key: str, kind: str, default: Any) -> Any:
+        return metadata_value(meta, f"{arch}.{key}", kind, source, default)
 
-    def positive(key: str, value: Any) -> int:
-        if isinstance(value, list) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise SlayerError(f"{source}: field '{arch}.{key}' is {value!r}; expected one positive integer")
-        return int(value)
-
-    n_layers = int(need("block_count"))
-    hidden = positive("embedding_length", need("embedding_length"))
-    heads = positive("attention.head_count", need("attention.head_count"))
-    kv_heads = positive("attention.head_count_kv", opt("attention.head_count_kv", heads))
+    n_layers = need("block_count", "count")
+    if n_layers > len(tensor_shapes):  # before anything is built per layer: a huge count must not exhaust memory
+        raise SlayerError(f"{source}: field '{arch}.block_count' is {n_layers}; the file holds "
+                          f"{len(tensor_shapes)} tensors, too few for that many blocks")
+    hidden = need("embedding_length", "positive")
+    heads = need("attention.head_count", "positive")
+    kv_heads = opt("attention.head_count_kv", "positive", heads)
     if heads % kv_heads:
         raise SlayerError(f"{source}: field '{arch}.attention.head_count_kv' ({kv_heads}) must divide "
                           f"attention.head_count ({heads})")
-    head_dim = int(opt("attention.key_length", hidden // heads))
-    value_dim = int(opt("attention.value_length", head_dim))
+    head_dim = opt("attention.key_length", "positive", hidden // heads)
+    value_dim = opt("attention.value_length", "positive", head_dim)
     if value_dim != head_dim:
         raise SlayerError(f"{source}: field '{arch}.attention.value_length' is {value_dim}; expected "
                           f"{head_dim} (equal to attention.key_length)")
-    rope_dim = int(opt("rope.dimension_count", head_dim))
+    rope_dim = opt("rope.dimension_count", "count", head_dim)
     if rope_dim != head_dim:
         raise SlayerError(f"{source}: field '{arch}.rope.dimension_count' is {rope_dim}; expected {head_dim} "
                           f"(partial rotary embeddings are not implemented)")
 
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = metadata_value(meta, "tokenizer.ggml.tokens", "strings", source)
     embd = tensor_shapes.get("token_embd.weight")
     if embd is None:
         raise SlayerError(f"{source}: tensor 'token_embd.weight' is missing; expected a llama token embedding")
-    vocab = len(tokens) if tokens is not None else int(opt("vocab_size", embd[0]))
+    vocab = len(tokens) if tokens is not None else opt("vocab_size", "positive", embd[0])
     if embd[0] != vocab:
         raise SlayerError(f"{source}: tensor 'token_embd.weight' has {embd[0]} rows; expected {vocab} "
                           f"(the length of tokenizer.ggml.tokens)")
-    theta = float(opt("rope.freq_base", 10000.0))
+    theta = float(opt("rope.freq_base", "number", 10000.0))
     rope_scaling = _rope_scaling(meta, arch, source, rope_freqs, theta, head_dim)
 
     has = lambda suffix: f"blk.0.{suffix}" in tensor_shapes  # noqa: E731
@@ -188,21 +228,21 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
             raise SlayerError(f"{source}: tensors 'blk.0.{{{what}}}.bias' are only partly present; "
                               f"expected all of them or none")
     def token_id(key: str) -> int | None:
-        value = meta.get(f"tokenizer.ggml.{key}")
+        value = metadata_value(meta, f"tokenizer.ggml.{key}", "id", source)
         return None if value is None else int(value)
 
     cfg = ModelConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(need("feed_forward_length", "positive")),
+        num_attention_heads=int(heads),
+        num_key_value_heads=int(kv_heads),
+        head_dim=int(head_dim),
         model_type="llama",
-        rms_norm_eps=_clean_float(need("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_clean_float(need("attention.layer_norm_rms_epsilon", "number")),
         rope_theta=_clean_float(theta),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(opt("context_length", 2048)),
+        max_position_embeddings=int(opt("context_length", "positive", 2048)),
         tie_word_embeddings="output.weight" not in tensor_shapes,
         attention_bias=all(attn_bias),
         mlp_bias=all(mlp_bias),
@@ -214,12 +254,12 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         cfg.validate(source)
     except ConfigError as e:
         raise SlayerError(str(e)) from None
-    return cfg, n_layers
+    return cfg, int(n_layers)
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, source: str, rope_freqs: np.ndarray | None,
                   theta: float, head_dim: int) -> tuple[tuple[str, Any], ...] | None:
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    kind = metadata_value(meta, f"{arch}.rope.scaling.type", "str", source, "none")
     if rope_freqs is not None:
         if kind not in ("none", None):
             raise SlayerError(f"{source}: field '{arch}.rope.scaling.type' is {kind!r} and tensor "
@@ -228,12 +268,12 @@ def _rope_scaling(meta: dict[str, Any], arch: str, source: str, rope_freqs: np.n
     if kind in ("none", None):
         return None
     if kind == "linear":
-        factor = meta.get(f"{arch}.rope.scaling.factor")
-        if factor is None:
-            raise SlayerError(f"{source}: field '{arch}.rope.scaling.factor' is missing (required by linear "
-                              f"rope scaling)")
+        factor = metadata_value(meta, f"{arch}.rope.scaling.factor", "number", source,
+                                required="linear rope scaling")
+        if not factor > 0:
+            raise SlayerError(f"{source}: field '{arch}.rope.scaling.factor' is {factor}; expected a positive number")
         return tuple(sorted({"rope_type": "linear", "factor": _clean_float(factor)}.items()))
-    raise SlayerError(f"{source}: field '{arch}.rope.scaling.type' is {kind!r}; expected 'none' or 'linear' "
+    raise SlayerError(f"{source}: field '{arch}.rope.scaling.type' is {show_value(kind)}; expected 'none' or 'linear' "
                       f"(its maths is not implemented)")
 
 
@@ -297,11 +337,11 @@ def _tensor_target(name: str, n_layers: int, source: str) -> tuple[tuple, bool]:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
         i = int(parts[1])
         if i >= n_layers:
-            raise SlayerError(f"{source}: tensor '{name}' is for block {i}; field 'llama.block_count' says "
+            raise SlayerError(f"{source}: tensor {name!r} is for block {i}; field 'llama.block_count' says "
                               f"{n_layers} blocks")
         key, leaf, transposed = _LAYER_TENSORS[parts[2]]
         return ("layers", i, key, leaf), transposed
-    raise SlayerError(f"{source}: tensor '{name}' is not one a llama model has; expected token_embd, "
+    raise SlayerError(f"{source}: tensor {name!r} is not one a llama model has; expected token_embd, "
                       f"output_norm, output or blk.N.{{attn_*,ffn_*}}")
 
 
@@ -321,7 +361,7 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, me
     path = Path(path)
     source = str(path)
     reader = _open_reader(path)
-    meta = read_metadata(reader)
+    meta = read_metadata(reader, source)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
     by_name = {t.name: t for t in reader.tensors}
     rope_freqs = None
@@ -347,11 +387,11 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, me
         got = shapes[t.name][::-1] if transposed else shapes[t.name]
         if expect is None or tuple(got) != tuple(expect.shape):
             implied = None if expect is None else list(expect.shape[::-1] if transposed else expect.shape)
-            raise SlayerError(f"{source}: tensor '{t.name}' has shape {list(shapes[t.name])} ([out, in]); "
+            raise SlayerError(f"{source}: tensor {t.name!r} has shape {list(shapes[t.name])} ([out, in]); "
                               f"the metadata implies {implied}")
         node = _parent(params, tree_path)
         if tree_path[-1] in node:
-            raise SlayerError(f"{source}: tensor '{t.name}' appears twice")
+            raise SlayerError(f"{source}: tensor {t.name!r} appears twice")
         w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shapes[t.name])
         if t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_qk(w, cfg.num_attention_heads)
@@ -401,7 +441,7 @@ def _check_complete(params: Params, want: Params, source: str) -> None:
                 name = f"blk.{path[1]}.{suffix}"
             else:
                 name = gguf_names[path]
-            raise SlayerError(f"{source}: tensor '{name}' is missing; the metadata implies it")
+            raise SlayerError(f"{source}: tensor {name!r} is missing; the metadata implies it")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -432,16 +472,16 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str = "gguf"):
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
+    def value(key: str, kind: str, default: Any = None, required: str | None = None) -> Any:
+        return metadata_value(meta, f"tokenizer.ggml.{key}", kind, source, default, required)
+
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise SlayerError(f"{source}: field 'tokenizer.ggml.model' is {model!r}; expected 'gpt2' (byte-level BPE; "
-                          f"other tokenizer types are not implemented)")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
-    for key, value in (("tokens", tokens), ("merges", merges)):
-        if not isinstance(value, list):
-            raise SlayerError(f"{source}: field 'tokenizer.ggml.{key}' is missing; expected a list of strings")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        raise SlayerError(f"{source}: field 'tokenizer.ggml.model' is {show_value(model)}; expected 'gpt2' "
+                          f"(byte-level BPE; other tokenizer types are not implemented)")
+    tokens = value("tokens", "strings", required="a byte-level BPE tokenizer")
+    merges = value("merges", "strings", required="a byte-level BPE tokenizer")
+    types = value("token_type", "ints") or [1] * len(tokens)
     if len(types) != len(tokens):
         raise SlayerError(f"{source}: field 'tokenizer.ggml.token_type' has {len(types)} entries; expected "
                           f"{len(tokens)} (one per token)")
@@ -454,12 +494,16 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str = "gguf"):
     for m in merges:
         pair = m.split(" ")
         if len(pair) != 2:
-            raise SlayerError(f"{source}: field 'tokenizer.ggml.merges' has entry {m!r}; expected two "
+            raise SlayerError(f"{source}: field 'tokenizer.ggml.merges' has entry {show_value(m)}; expected two "
                               f"space-separated pieces")
         pairs.append(tuple(pair))
-    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    try:
+        tok = Tokenizer(BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix="", fuse_unk=False))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library's one error type (e.g. a merge of unknown tokens)
+        raise SlayerError(f"{source}: fields 'tokenizer.ggml.tokens' and 'tokenizer.ggml.merges' do not make a BPE "
+                          f"tokenizer ({_one_line(e)}); expected merges of tokens in the vocabulary") from None
+    split = PRE_TOKENIZER_SPLITS.get(value("pre", "str"))
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -474,7 +518,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str = "gguf"):
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
     def special_id(key: str) -> int | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
+        i = value(key, "id")
         if i is not None and not 0 <= int(i) < len(tokens):
             raise SlayerError(f"{source}: field 'tokenizer.ggml.{key}' is {i}; expected a token id below "
                               f"{len(tokens)}")
@@ -483,16 +527,21 @@ def tokenizer_from_gguf(meta: dict[str, Any], source: str = "gguf"):
     bos_id, eos_id, unk_id, pad_id = (special_id(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id",
                                                               "padding_token_id"))
     bos, eos, unk, pad = (None if i is None else tokens[i] for i in (bos_id, eos_id, unk_id, pad_id))
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    add_bos = value("add_bos_token", "bool", False) and bos is not None
+    add_eos = value("add_eos_token", "bool", False) and eos is not None
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
     ids = [(t, i) for t, i, on in ((bos, bos_id, add_bos), (eos, eos_id, add_eos)) if on]
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=ids)
+    try:
+        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=ids)
+    except Exception as e:  # noqa: BLE001 - e.g. a BOS token spelled with a space or a colon
+        raise SlayerError(f"{source}: fields 'tokenizer.ggml.bos_token_id' / 'eos_token_id' name tokens "
+                          f"{show_value(bos)} / {show_value(eos)} that cannot be added around a text ({_one_line(e)}); "
+                          f"expected tokens without spaces") from None
 
     kwargs: dict[str, Any] = dict(bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
                                   add_bos_token=add_bos, add_eos_token=add_eos)
-    template = meta.get("tokenizer.chat_template")
+    template = metadata_value(meta, "tokenizer.chat_template", "str", source)
     if template is not None:
         kwargs["chat_template"] = template
     return PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in kwargs.items() if v is not None})

@@ -12,6 +12,7 @@ it writes are read back by the ``safetensors`` library and by transformers (test
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -21,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from slayer_jax.errors import SlayerError
+from slayer_jax.modeling.config import show_value
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -37,15 +39,15 @@ def _check_entry(path: Path, name: str, e: Any) -> None:
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
 
     if not isinstance(e, dict):
-        raise SlayerError(f"{path}: safetensors header: tensor '{name}': expected an object with dtype, shape and "
+        raise SlayerError(f"{path}: safetensors header: tensor {name!r}: expected an object with dtype, shape and "
                           f"data_offsets")
     for field, ok, want in (("dtype", isinstance(e.get("dtype"), str), "a dtype name"),
                             ("shape", ints(e.get("shape")), "a list of integers >= 0"),
                             ("data_offsets", ints(e.get("data_offsets"), 2)
                              and e["data_offsets"][0] <= e["data_offsets"][1], "[begin, end] with begin <= end")):
         if not ok:
-            raise SlayerError(f"{path}: safetensors header: tensor '{name}': field '{field}' is "
-                              f"{e.get(field, 'missing')!r}; expected {want}")
+            raise SlayerError(f"{path}: safetensors header: tensor {name!r}: field '{field}' is "
+                              f"{show_value(e.get(field, 'missing'))}; expected {want}")
 
 
 class SafetensorsFile:
@@ -56,8 +58,9 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.bytes_read = 0  # tensor bytes read from the file so far (read and read_slice)
-        if not self.path.exists():
-            raise SlayerError(f"{self.path}: file not found; expected a safetensors weight file")
+        if not self.path.is_file():
+            raise SlayerError(f"{self.path}: {'not a file' if self.path.exists() else 'file not found'}; expected a "
+                              f"safetensors weight file")
         self.file_size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -68,16 +71,26 @@ class SafetensorsFile:
                 raise SlayerError(f"{self.path}: corrupt or truncated safetensors header (length {n})")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, a 4300-digit number, nested too deeply
                 raise SlayerError(f"{self.path}: corrupt safetensors header (not JSON)") from None
         self.data_start = 8 + n
         if not isinstance(header, dict):
             raise SlayerError(f"{self.path}: safetensors header: expected a JSON object of tensor entries, got "
                               f"{type(header).__name__}")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise SlayerError(f"{self.path}: safetensors header: field '__metadata__' is "
+                              f"{type(self.metadata).__name__}; expected an object of string values")
         for name, e in header.items():
             _check_entry(self.path, name, e)
         self.entries: dict[str, dict] = header
+        spans = sorted((tuple(e["data_offsets"]), name) for name, e in header.items() if e["data_offsets"][1] >
+                       e["data_offsets"][0])
+        for ((_, end0), a), ((begin, _), b) in zip(spans, spans[1:]):
+            if begin < end0:
+                raise SlayerError(f"{self.path}: safetensors header: tensors {a!r} and {b!r} overlap (data_offsets "
+                                  f"{list(header[a]['data_offsets'])} and {list(header[b]['data_offsets'])}); "
+                                  f"expected each tensor's bytes to be its own")
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > self.file_size:
             raise SlayerError(f"{self.path}: truncated safetensors file: header needs {self.data_start + end} "
@@ -93,12 +106,13 @@ class SafetensorsFile:
         """(dtype, shape, absolute file offset) of tensor ``name``, after checking its header entry."""
         e = self.entries[name]
         if e["dtype"] not in _DTYPES:
-            raise SlayerError(f"{self.path}: tensor '{name}' has dtype {e['dtype']}; expected one of {sorted(_DTYPES)}")
+            raise SlayerError(f"{self.path}: tensor {name!r} has dtype {e['dtype']!r}; expected one of "
+                              f"{sorted(_DTYPES)}")
         dtype = _DTYPES[e["dtype"]]
         begin, end = e["data_offsets"]
-        count = int(np.prod(e["shape"], dtype=np.int64))
+        count = math.prod(e["shape"])  # exact: numpy's int64 product wraps around for huge shapes
         if end - begin != count * dtype.itemsize:
-            raise SlayerError(f"{self.path}: tensor '{name}' has {end - begin} bytes, shape {e['shape']} needs "
+            raise SlayerError(f"{self.path}: tensor {name!r} has {end - begin} bytes, shape {e['shape']} needs "
                               f"{count * dtype.itemsize}")
         return dtype, tuple(e["shape"]), self.data_start + begin
 
@@ -110,7 +124,7 @@ class SafetensorsFile:
         while got < len(view):
             n = f.readinto(view[got:])
             if not n:
-                raise SlayerError(f"{self.path}: truncated while reading tensor '{name}'")
+                raise SlayerError(f"{self.path}: truncated while reading tensor {name!r}")
             got += n
         self.bytes_read += got
 

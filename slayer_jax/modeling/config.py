@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from slayer_jax.errors import SlayerError
+from slayer_jax.errors import SlayerError, first_line
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -109,11 +109,11 @@ class ModelConfig:
             return d[key]
 
         def bad(key: str, expected: str) -> ConfigError:
-            return ConfigError(f"{source}: field '{key}' is {d[key]!r}; expected {expected}")
+            return ConfigError(f"{source}: field '{key}' is {show_value(d[key])}; expected {expected}")
 
         def as_int(key: str, default: Any = None) -> int:
             v = need(key) if default is None else (d[key] if d.get(key) is not None else default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+            if not _is_number(v) or v != int(v):
                 raise bad(key, "an integer")
             return int(v)
 
@@ -121,8 +121,8 @@ class ModelConfig:
             v = d.get(key)
             if v is None:
                 return default
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise bad(key, "a number")
+            if not _is_number(v):
+                raise bad(key, "a finite number")
             return float(v)
 
         def as_bool(key: str, default: bool) -> bool:
@@ -148,13 +148,15 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"{source}: field 'model_type' is {model_type!r}; expected one of {list(SUPPORTED_MODEL_TYPES)}")
+                f"{source}: field 'model_type' is {show_value(model_type)}; expected one of "
+                f"{list(SUPPORTED_MODEL_TYPES)}")
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is implemented")
+            raise ConfigError(f"{source}: field 'hidden_act' is {show_value(act)}; only 'silu' (SwiGLU) is implemented")
         for key in ("attention_dropout", "mlp_dropout"):
             if as_float(key, 0.0) != 0.0:
-                raise ConfigError(f"{source}: field '{key}' is {d[key]!r}; dropout is not implemented, expected 0.0")
+                raise ConfigError(f"{source}: field '{key}' is {show_value(d[key])}; dropout is not implemented, "
+                                  f"expected 0.0")
 
         hidden = as_int("hidden_size")
         heads = as_int("num_attention_heads")
@@ -172,8 +174,9 @@ class ModelConfig:
         rope_scaling = d.get("rope_scaling")
         if isinstance(rope_params, dict):
             theta = rope_params.get("rope_theta", rope_theta)
-            if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-                raise ConfigError(f"{source}: field 'rope_parameters.rope_theta' is {theta!r}; expected a number")
+            if not _is_number(theta):
+                raise ConfigError(f"{source}: field 'rope_parameters.rope_theta' is {show_value(theta)}; "
+                                  f"expected a finite number")
             rope_theta = float(theta)
             if rope_scaling is None:
                 rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
@@ -183,7 +186,7 @@ class ModelConfig:
 
         sliding = d.get("sliding_window")
         if model_type == "llama" and sliding is not None:
-            raise ConfigError(f"{source}: field 'sliding_window' is {sliding!r}; llama has no sliding window")
+            raise ConfigError(f"{source}: field 'sliding_window' is {show_value(sliding)}; llama has no sliding window")
         if model_type == "mistral" and d.get("use_sliding_window") is False:
             sliding = None
         if sliding is not None:
@@ -220,6 +223,10 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'head_dim' must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"{source}: field 'sliding_window' must be positive, got {self.sliding_window}")
+        if not self.rope_theta > 0:  # RoPE's base: 0 or less gives infinite or NaN frequencies
+            raise ConfigError(f"{source}: field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
+        if not self.rms_norm_eps >= 0:
+            raise ConfigError(f"{source}: field 'rms_norm_eps' must be a number >= 0, got {self.rms_norm_eps!r}")
 
     def to_hf_dict(self, num_hidden_layers: int) -> dict[str, Any]:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[self.model_type]
@@ -261,6 +268,20 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
+def show_value(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters: a value from a file, quoted on one line of an error."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _is_number(v: Any) -> bool:
+    """A JSON number that is finite (json reads NaN, Infinity and 1e400 as floats); not true/false."""
+    return not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and math.isfinite(v))
+
+
+ROPE_POSITIVE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 def _normalise_rope_scaling(rs: Any, source: str) -> tuple[tuple[str, Any], ...] | None:
     if rs is None:
         return None
@@ -272,8 +293,17 @@ def _normalise_rope_scaling(rs: Any, source: str) -> tuple[tuple[str, Any], ...]
         raise ConfigError(f"{source}: field 'rope_scaling.rope_type' is missing; expected one of "
                           f"{list(SUPPORTED_ROPE_TYPES)}")
     if kind not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"{source}: field 'rope_scaling.rope_type' is {kind!r}; expected one of "
+        raise ConfigError(f"{source}: field 'rope_scaling.rope_type' is {show_value(kind)}; expected one of "
                           f"{list(SUPPORTED_ROPE_TYPES)} (its maths is not implemented)")
+    for key, v in rs.items():  # the values go into a hashable, jit-static config: numbers and names only
+        name = json.dumps(key)[1:-1]  # one line, whatever the key holds
+        if key in ROPE_POSITIVE and v is not None and not (_is_number(v) and v > 0):
+            raise ConfigError(f"{source}: field 'rope_scaling.{name}' is {show_value(v)}; expected a positive number")
+        if key == "attention_factor" and v is not None and not _is_number(v):
+            raise ConfigError(f"{source}: field 'rope_scaling.{name}' is {show_value(v)}; expected a finite number")
+        if isinstance(v, (list, dict)):
+            raise ConfigError(f"{source}: field 'rope_scaling.{name}' is {show_value(v)}; expected a number, a string, "
+                              f"true/false or null")
     rs.pop("type", None)
     rs["rope_type"] = kind
     required = {"default": [], "linear": ["factor"],
@@ -285,7 +315,8 @@ def _normalise_rope_scaling(rs: Any, source: str) -> tuple[tuple[str, Any], ...]
         raise ConfigError(f"{source}: field 'rope_scaling.high_freq_factor' must differ from low_freq_factor")
     attn_factor = rs.get("attention_factor")
     if attn_factor is not None and float(attn_factor) != 1.0:
-        raise ConfigError(f"{source}: field 'rope_scaling.attention_factor' is {attn_factor!r}; only 1.0 is implemented")
+        raise ConfigError(f"{source}: field 'rope_scaling.attention_factor' is {show_value(attn_factor)}; only 1.0 is "
+                          f"implemented")
     if kind == "default":
         return None
     return tuple(sorted(rs.items()))
@@ -304,10 +335,12 @@ def load_config(path: str | Path) -> tuple[ModelConfig, int]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected an HF config.json") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits; arrays nested too deeply
+        raise ConfigError(f"{path}: not valid JSON ({first_line(e)[:100]})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     cfg = ModelConfig.from_hf_dict(d, source=str(path))
     n = d.get("num_hidden_layers")
-    if not isinstance(n, int) or n < 0:
-        raise ConfigError(f"{path}: field 'num_hidden_layers' must be a non-negative integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"{path}: field 'num_hidden_layers' must be a non-negative integer, got {show_value(n)}")
     return cfg, n
