@@ -153,9 +153,12 @@ def main(argv=None) -> int:
     for m, lrs in DEFAULT_LRS.items():
         ap.add_argument(f"--lrs-{m.replace('_', '-')}", default=lrs)
     ap.add_argument("--lrs-levers", default="1e-3")
+    ap.add_argument("--report-only", action="store_true", help="write results.md and frontier.png from results.json")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        return report(json.loads((out / "results.json").read_text()), out, a)
 
     from slayer_jax.evaluation import probe
     from slayer_jax.io import load_any
@@ -196,6 +199,10 @@ def main(argv=None) -> int:
             results.append(rec)
             save()
             log(f"{name}: {rec}")
+    return report(results, out, a)
+
+
+def report(results: list[dict], out: Path, a) -> int:
     (out / "results.md").write_text(
         f"# Recall against forgetting: {a.people} people, {a.steps} steps x {a.batch_size} x {a.seq_len} tokens\n\n"
         + summarize(results) + "\n")
