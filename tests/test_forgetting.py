@@ -172,7 +172,8 @@ def test_general_mcq_large_is_the_generator_output_and_sound():
     shipped = [json.loads(x) for x in SAMPLE_MCQ_LARGE.read_text().splitlines()]
     assert shipped == rows  # `write_general_mcq()` regenerates the shipped file exactly
     assert len(load_mcq("large")) == len(rows) >= 300
-    assert len({r["question"] for r in rows}) == len(rows)
+    assert len({(r["question"], *r["choices"]) for r in rows}) == len(rows)
+    assert len({r["question"] for r in rows}) == len(rows) - 7 * 7  # only "Which of these is a fruit?" etc. repeat
     counts = np.bincount([r["answer"] for r in rows], minlength=4)
     assert counts.max() - counts.min() <= 1  # answer positions balanced
     for r in rows:
@@ -191,7 +192,7 @@ def test_general_mcq_large_is_the_generator_output_and_sound():
             country = r["question"][len("What is the capital city of "):-1]
             assert forgetting.CAPITALS[country] == right
         elif r["category"] == "category":
-            cat = r["question"][len("Which of these is "):].split(":")[0]
+            cat = r["question"][len("Which of these is "):-1]
             assert [c in forgetting.CATEGORIES[cat] for c in ch].count(True) == 1
         elif r["category"] == "opposite":
             word = r["question"].split('"')[1]
