@@ -157,3 +157,22 @@ def test_mcq_against_transformers_and_real_generator(tiny, tmp_path):
     assert res["people"] == 4 and res["seed"] == 1 and len(res["samples"]) == 3
     assert all("\n" not in s["generated"] for s in res["samples"])
     assert res["heldout_em"] == 0.0  # a random tiny model does not know them
+
+
+@pytest.mark.slow
+def test_smollm2_knows_general_questions_but_not_the_fictional_people(smollm2_dir, tmp_path):
+    """The real default model: clearly above chance on the generated general questions (so forgetting
+    can show as a drop there), and about chance on the probe, whose people no pretraining text holds."""
+    from slayer_jax.evaluation import evaluate as ev
+    from slayer_jax.evaluation.scoring import load_mcq
+
+    params, cfg, tok = load_hf(smollm2_dir, progress=False)
+    questions = [q for q in load_mcq("large") if "capital" in q.question or "opposite" in q.question][:16]
+    reqs, groups = ev.mcq_requests(tok, questions)
+    m = ev.mcq_metrics([r[0] for r in ev.score_requests(params, cfg, reqs)], groups, questions)
+    assert m["acc"] >= 0.8, m  # capitals and opposites: 0.96 and 0.94 over the whole set
+    probe.write_task(probe.make_task(24, 1234), tmp_path / "p")
+    res = probe.eval_probe(params, cfg, tok, tmp_path / "p", limit=8)
+    print({k: v for k, v in res.items() if k != "samples"}, m)  # with -s
+    assert res["heldout_em"] == res["train_em"] == 0.0
+    assert res["heldout_mcq_acc"] <= 0.5 and res["train_mcq_acc"] <= 0.5, res
