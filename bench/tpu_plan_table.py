@@ -21,8 +21,8 @@ v6e and v5p-32 slices), its count misses work and no MFU is printed from it.
 ``--estimate`` prints ``slayer plan``'s quick analytic estimate (each term) beside each row;
 ``--xla-dump DIR`` (one recipe and device per run) has the TPU compiler write its optimized HLO,
 buffer assignment and live ranges to DIR/RECIPE_DEVICE, which ``--peak`` reads: the values live at the compiler's peak, grouped by
-the jax operation that made them, and the collective-matmul output buffers (``AllocateBuffer``)
-among them.
+the jax operation that made them, and the ``AllocateBuffer`` outputs among them (the collective
+matmuls' output buffers, and the f32 gradient accumulators).
 
 ``--libtpu-args`` passes flags to the TPU compiler: it sets LIBTPU_INIT_ARGS before jax loads libtpu
 (libtpu reads it once per process, and aborts on a flag it does not know), and each row's JSON
@@ -158,8 +158,10 @@ def attention_flops_per_device(c, info: dict, num_layers: int | None = None) -> 
 
 def peak_report(dump_dir: str, top: int = 25) -> str:
     """The values live at the TPU compiler's peak (from a --xla-dump directory), grouped by the jax
-    operation that made them (HLO metadata op_name) and shape; AllocateBuffer custom calls are the
-    output buffers of the compiler's collective matmuls (windowed einsums)."""
+    operation that made them (HLO metadata op_name) and shape. AllocateBuffer custom calls are the
+    output buffers of the compiler's collective matmuls (windowed einsums; bf16 activations such as
+    [rows, T, 11008]) and, with or without them, the gradient-accumulation scan's f32 accumulators
+    of the trainable weights' shards."""
     import collections
     import re
 
@@ -177,13 +179,13 @@ def peak_report(dump_dir: str, top: int = 25) -> str:
         shape, op = meta.get(name, (shapes.get(name, "?"), name.split(".")[0]))
         key = f"{shape} {op.replace('jit(train_step)/while/body/closed_call/', '')[-100:]}"
         if name in alloc:
-            key, in_alloc = key + " [collective-matmul output buffer]", in_alloc + int(n)
+            key, in_alloc = key + " [AllocateBuffer]", in_alloc + int(n)
         size[key] += int(n)
         count[key] += 1
         total += int(n)
     gib = 2**30
-    head = (f"{d.name}: live at the compiler's peak {total / gib:.2f} GiB, of which collective-matmul output buffers "
-            f"{in_alloc / gib:.2f} GiB; windowed einsums in the program: "
+    head = (f"{d.name}: live at the compiler's peak {total / gib:.2f} GiB, of which AllocateBuffer outputs "
+            f"{in_alloc / gib:.2f} GiB (collective-matmul outputs, gradient accumulators); windowed einsums in the program: "
             f"{hlo.count('condition=%wide.windowed_dot_general_cond_ag')} all-gather, "
             f"{hlo.count('condition=%wide.windowed_dot_general_cond_rs')} reduce-scatter")
     lines = [head]
