@@ -548,9 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write the knowledge-injection probe to OUT: train.jsonl (biographies of every "
                                      "person + question-answer text of the training split; use it as data.source), "
                                      "heldout.jsonl, train_questions.jsonl, people.json, probe.json (manifest), "
-                                     "README.md. Score a model on it with `slayer eval MODEL --tasks probe --probe OUT`.")
+                                     "README.md. Score a model on it with "
+                                     "`slayer eval MODEL --tasks probe --probe OUT`.")
     pb.add_argument("--out", required=True, help="output directory (written atomically)")
-    pb.add_argument("--people", type=int, default=24, help="fictional people; the first half is the training split")
+    pb.add_argument("--people", type=int, default=24,
+                    help="fictional people; the first half is the training split")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--overwrite", action="store_true")
     pb.set_defaults(fn=cmd_data_probe)
