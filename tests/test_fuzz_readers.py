@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from slayer_jax.cli import main
@@ -924,13 +924,20 @@ TASK_FIELDS = ["task", "dataset_path", "dataset_kwargs", "output_type", "test_sp
                "doc_to_choice", "doc_to_target", "target_delimiter", "metric_list", "num_fewshot"]
 
 
-@fuzz(8)
+@fuzz(4)
 @given(edits=st.dictionaries(st.sampled_from(TASK_FIELDS[1:]), json_values, max_size=1),
-       rows=st.none() | st.lists(mcq_lines, min_size=1, max_size=2), raw=st.none() | bad_bytes())
-@example(edits={"dataset_path": "/nonexistent"}, rows=None, raw=None)
-@example(edits={}, rows=[b"\xff\xfe"], raw=None)
-@example(edits={}, rows=None, raw=None)
-def test_harness_task_file_of_any_shape(harness_lm, edits, rows, raw):
+       rows=st.none() | st.lists(mcq_lines, min_size=1, max_size=2))
+@example(edits={"dataset_path": "/nonexistent"}, rows=None)
+@example(edits={"doc_to_choice": 5}, rows=None)
+@example(edits={}, rows=[b"\xff\xfe"])
+@example(edits={}, rows=None)
+def test_harness_task_file_of_any_shape(harness_lm, edits, rows):
+    """A task YAML (JSON is YAML) over a local JSONL, one field or the data replaced. (A file lm-eval
+    cannot parse at all is skipped by its indexer and reported as an unknown task; not fuzzed here,
+    as that search indexes every built-in lm-eval task: about 20 s a try.)"""
+    from yaml import YAMLError as yaml_error
+    from yaml import safe_load as yaml_load
+
     from slayer_jax.evaluation.harness import run_harness
 
     with scratch() as d:
@@ -942,11 +949,15 @@ def test_harness_task_file_of_any_shape(harness_lm, edits, rows, raw):
                 "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "Question: {{question}}",
                 "doc_to_choice": "{{choices}}", "doc_to_target": "answer", "metric_list": [{"metric": "acc"}],
                 **edits}
-        yaml = d / "fuzz_task.yaml"
-        yaml.write_bytes(raw) if raw is not None else yaml.write_text(json_text(task))  # JSON is YAML
+        text = json_text(task)
+        try:  # a file the indexer skips is an unknown task: see above
+            assume(isinstance(yaml_load(text), dict))
+        except yaml_error:
+            assume(False)
+        path = d / "fuzz_task.yaml"
+        path.write_text(text)
         got, err = outcome(run_harness, harness_lm, ["fuzz_task"], include_path=[str(d)], limit=2)
         if err is not None:
-            msg = str(err)
-            assert msg.splitlines() == [msg] and ("fuzz_task" in msg), msg
+            assert_one_line(err, path, "fuzz_task")
         else:
             assert "fuzz_task" in got["results"]

@@ -127,8 +127,8 @@ def check_text(value: str, where: str, field: str) -> str:
 
 
 def _fields(obj: dict) -> str:
-    """The field names of a JSON object for an error line: quoted, so no name can break the line."""
-    names = [repr(k) for k in list(obj)[:20]]
+    """The field names of a JSON object for an error line; one that could break the line is quoted."""
+    names = [k if k.isprintable() else repr(k) for k in list(obj)[:20]]
     return ", ".join(names + (["..."] if len(obj) > 20 else [])) or "none"
 
 

@@ -240,7 +240,7 @@ def flatten_metrics(result: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_s", "_stderr")):
                 # JSON's integers are unbounded: one too large for a float is shown as infinite
                 big = isinstance(v, int) and abs(v) >= 2 ** 1023
-                out[f"{task}.{k}"] = math.copysign(math.inf, v) if big else float(v)
+                out[f"{task}.{k}"] = (math.inf if v > 0 else -math.inf) if big else float(v)
     return out
 
 

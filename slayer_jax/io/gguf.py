@@ -190,9 +190,6 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         return metadata_value(meta, f"{arch}.{key}", kind, source, default)
 
     n_layers = need("block_count", "count")
-    if n_layers > len(tensor_shapes):  # before anything is built per layer: a huge count must not exhaust memory
-        raise SlayerError(f"{source}: field '{arch}.block_count' is {n_layers}; the file holds "
-                          f"{len(tensor_shapes)} tensors, too few for that many blocks")
     hidden = need("embedding_length", "positive")
     heads = need("attention.head_count", "positive")
     kv_heads = opt("attention.head_count_kv", "positive", heads)
@@ -369,6 +366,9 @@ def load_gguf(path: str | Path, dtype: Any = None, *, tokenizer: bool = True, me
         t = by_name[ROPE_FREQS_TENSOR]
         rope_freqs = np.array(dequantize(t.data, t.tensor_type), np.float32)
     cfg, n_layers = config_from_gguf(meta, shapes, source, rope_freqs)
+    if n_layers > len(shapes):  # before anything is built per layer: a huge count must not exhaust memory
+        raise SlayerError(f"{source}: field 'llama.block_count' is {n_layers}; the file holds {len(shapes)} "
+                          f"tensors, too few for that many blocks")
     out_dtype = jnp.float32 if dtype is None else as_dtype(dtype)
 
     want = expected_shapes(cfg, n_layers)
