@@ -176,3 +176,46 @@ def test_smollm2_knows_general_questions_but_not_the_fictional_people(smollm2_di
     print({k: v for k, v in res.items() if k != "samples"}, m)  # with -s
     assert res["heldout_em"] == res["train_em"] == 0.0
     assert res["heldout_mcq_acc"] <= 0.5 and res["train_mcq_acc"] <= 0.5, res
+
+
+def test_a_cheat_run_on_the_heldout_answers_scores_near_one(tiny):
+    """Not vacuous: a model trained on the held-out split's own question-answer text (a cheat) recalls it,
+    by multiple choice and by exact match, where the untrained model does not."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from slayer_jax.generate import Generator
+    from slayer_jax.modeling.loss import token_nll
+    from slayer_jax.modeling.model import forward
+
+    _, (params, cfg, tok) = tiny
+    recs = probe.make_task(4, 2)["heldout"]  # 2 people x 5 questions
+    before, _ = probe.probe_mcq(params, cfg, tok, recs)
+    ids = [list(tok(probe.qa_text(r) + "\n")["input_ids"]) + [tok.eos_token_id] for r in recs]
+    T = max(map(len, ids))
+    toks = np.zeros((len(ids), T), np.int32)
+    w = np.zeros((len(ids), T - 1), np.float32)
+    for i, x in enumerate(ids):
+        toks[i, :len(x)] = x
+        w[i, :len(x) - 1] = 1
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(p, s):
+        def loss(p):
+            nll = token_nll(forward(p, toks[:, :-1], cfg), toks[:, 1:])
+            return jnp.sum(nll * w) / jnp.sum(w)
+        val, g = jax.value_and_grad(loss)(p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, val
+
+    p, s = params, opt.init(params)
+    for _ in range(300):
+        p, s, val = step(p, s)
+    assert float(val) < 0.2
+    after, _ = probe.probe_mcq(p, cfg, tok, recs)
+    em, texts = probe.probe_em(Generator(p, cfg, tok), recs)
+    print(before["acc"], after["acc"], em, float(val))  # with -s
+    assert after["acc"] >= 0.9 and em >= 0.9, (after, em, texts)
+    assert before["acc"] <= 0.6
