@@ -295,8 +295,8 @@ def load_result(path: str | Path) -> dict[str, Any]:
     if bad:
         raise SlayerError(f"{p}: field 'tasks.{json.dumps(bad[0])[1:-1]}' is {d['tasks'][bad[0]]!r:.60}; expected "
                           f"an object of metric -> number")
-    for key in ("name", "model", "role"):  # the table's column title
-        if d.get(key) is not None and not isinstance(d[key], str):
+    for key in ("name", "model", "role"):  # the table's column title (`slayer eval` writes a null role)
+        if (key in d if key == "model" else d.get(key) is not None) and not isinstance(d[key], str):
             raise SlayerError(f"{p}: field '{key}' is {d[key]!r:.60}; expected a string")
     return d
 

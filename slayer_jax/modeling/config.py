@@ -223,10 +223,11 @@ class ModelConfig:
             raise ConfigError(f"{source}: field 'head_dim' must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"{source}: field 'sliding_window' must be positive, got {self.sliding_window}")
-        if not self.rope_theta > 0:  # RoPE's base: 0 or less gives infinite or NaN frequencies
-            raise ConfigError(f"{source}: field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
-        if not self.rms_norm_eps >= 0:
-            raise ConfigError(f"{source}: field 'rms_norm_eps' must be a number >= 0, got {self.rms_norm_eps!r}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):  # else frequencies are inf or NaN
+            raise ConfigError(f"{source}: field 'rope_theta' must be a finite positive number, got {self.rope_theta!r}")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise ConfigError(f"{source}: field 'rms_norm_eps' must be a finite number >= 0, got "
+                              f"{self.rms_norm_eps!r}")
 
     def to_hf_dict(self, num_hidden_layers: int) -> dict[str, Any]:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[self.model_type]
