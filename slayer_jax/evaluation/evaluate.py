@@ -48,7 +48,8 @@ from slayer_jax.evaluation.loglik import (  # noqa: F401
     score_requests,  # the one scorer (re-exported for callers)
     token_logprobs,
 )
-from slayer_jax.evaluation.scoring import load_mcq, load_text, mcq_prompt
+from slayer_jax.evaluation.probe import eval_probe, load_probe
+from slayer_jax.evaluation.scoring import load_mcq, load_text, mcq_metrics, mcq_requests
 from slayer_jax.generate import Generator
 from slayer_jax.modeling.model import count_params
 
@@ -72,31 +73,6 @@ def eval_perplexity(params, cfg, tok, text: str | Path = "sample", max_length: i
     return {"ppl": math.exp(-ll / n_tok), "nll": -ll / n_tok, "word_perplexity": math.exp(-ll / n_words),
             "bits_per_byte": -ll / n_bytes / math.log(2), "tokens": n_tok, "documents": len(docs),
             "max_length": max_length, "source": str(text)}
-
-
-def mcq_requests(tok, questions) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
-    """Tokenised (context, " choice") requests and, per question, the indices of its requests."""
-
-    reqs, groups = [], []
-    for q in questions:
-        ctx, conts = mcq_prompt(q)
-        groups.append(list(range(len(reqs), len(reqs) + len(conts))))
-        reqs += [encode_pair(tok, ctx, c) for c in conts]
-    return reqs, groups
-
-
-def mcq_metrics(lls: Sequence[float], groups: Sequence[Sequence[int]], questions) -> dict[str, Any]:
-    """acc and acc_norm (lm-eval's: log-likelihood / characters of the choice), with near ties counted."""
-    acc = acc_norm = ties = 0
-    for g, q in zip(groups, questions):
-        ll = np.asarray([lls[i] for i in g], np.float64)
-        norm = ll / np.asarray([float(len(c)) for c in q.choices])
-        acc += int(np.argmax(ll)) == q.answer
-        acc_norm += int(np.argmax(norm)) == q.answer
-        top = np.sort(ll)[-2:]
-        ties += bool(top[1] - top[0] < 1e-3)
-    n = len(groups)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "near_ties": ties}
 
 
 def eval_mcq(params, cfg, tok, mcq: str | Path = "sample", max_length: int = 2048, limit: int | None = None,
@@ -349,7 +325,6 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
         raise SlayerError(f"--role: {role!r}; expected one of {', '.join(ROLES)}")
     probe_data = None
     if "probe" in tasks:
-        from slayer_jax.evaluation.probe import load_probe  # probe imports this module: not on top
 
         if not probe:
             raise SlayerError("--probe: missing; expected the folder `slayer data probe --out DIR` wrote (task probe)")
@@ -389,8 +364,6 @@ def run_eval(model: str, tasks: Sequence[str], harness_tasks: Sequence[str] = ()
                 gen, limit=limit, n_samples=humaneval_samples, ks=ks, temperature=temperature,
                 top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, workers=workers, samples_out=samples)
         elif t == "probe":
-            from slayer_jax.evaluation.probe import eval_probe
-
             result["tasks"]["probe"] = eval_probe(params, cfg, tok, probe_data, limit=limit, max_length=max_length,
                                                   dtype=dtype, batch_size=batch_size)
             result["tasks"]["probe"]["source"] = str(probe)

@@ -23,8 +23,8 @@ is 0.25. :func:`write_task` writes ``train.jsonl`` (field ``text``: what ``data.
 Scoring (:func:`eval_probe`), through the project's one scorer and one generator:
 
 - multiple choice: the ARC prompt of ``slayer eval``'s ``mcq`` task (``Question: ...\\nAnswer:`` +
-  `` choice``, which is the record's ``prompt``), :func:`evaluate.mcq_requests` ->
-  :func:`loglik.score_requests` -> :func:`evaluate.mcq_metrics` (``acc``: the argmax of the summed
+  `` choice``, which is the record's ``prompt``), :func:`scoring.mcq_requests` ->
+  :func:`loglik.score_requests` -> :func:`scoring.mcq_metrics` (``acc``: the argmax of the summed
   log-likelihoods);
 - exact match: greedy decoding with :class:`slayer_jax.generate.Generator` from the prompt,
   stopped at a newline; the first line, stripped, with a final period removed, equals the answer
@@ -42,9 +42,8 @@ import numpy as np
 
 from slayer_jax import storage
 from slayer_jax.errors import SlayerError
-from slayer_jax.evaluation.evaluate import mcq_metrics, mcq_requests
 from slayer_jax.evaluation.loglik import score_requests
-from slayer_jax.evaluation.scoring import MCQ, _read_jsonl
+from slayer_jax.evaluation.scoring import MCQ, _read_jsonl, mcq_metrics, mcq_requests
 from slayer_jax.generate import Generator
 
 GENERATOR_VERSION = 1

@@ -47,6 +47,7 @@ import numpy as np
 from slayer_jax import surgery
 from slayer_jax.data.sources import check_text
 from slayer_jax.errors import SlayerError, first_line
+from slayer_jax.evaluation.loglik import encode_pair
 from slayer_jax.modeling.config import ModelConfig, show_value
 from slayer_jax.modeling.loss import target_logprobs
 from slayer_jax.modeling.model import (
@@ -176,6 +177,31 @@ def text_windows(tok, docs: Sequence[str], seq_len: int, max_windows: int | None
 def mcq_prompt(q: MCQ) -> tuple[str, list[str]]:
     """The context and the choice continuations scored after it (lm-eval's ARC format)."""
     return f"Question: {q.question}\nAnswer:", [f" {c}" for c in q.choices]
+
+
+def mcq_requests(tok, questions) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
+    """Tokenised (context, " choice") requests and, per question, the indices of its requests."""
+
+    reqs, groups = [], []
+    for q in questions:
+        ctx, conts = mcq_prompt(q)
+        groups.append(list(range(len(reqs), len(reqs) + len(conts))))
+        reqs += [encode_pair(tok, ctx, c) for c in conts]
+    return reqs, groups
+
+
+def mcq_metrics(lls: Sequence[float], groups: Sequence[Sequence[int]], questions) -> dict[str, Any]:
+    """acc and acc_norm (lm-eval's: log-likelihood / characters of the choice), with near ties counted."""
+    acc = acc_norm = ties = 0
+    for g, q in zip(groups, questions):
+        ll = np.asarray([lls[i] for i in g], np.float64)
+        norm = ll / np.asarray([float(len(c)) for c in q.choices])
+        acc += int(np.argmax(ll)) == q.answer
+        acc_norm += int(np.argmax(norm)) == q.answer
+        top = np.sort(ll)[-2:]
+        ties += bool(top[1] - top[0] < 1e-3)
+    n = len(groups)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "near_ties": ties}
 
 
 def tokenize_mcq(tok, questions: Sequence[MCQ]) -> list[dict[str, Any]]:
