@@ -369,6 +369,7 @@ def test_safetensors_header_mutations(hf_dir, mutation):
 @example(index={"weight_map": {"a": ""}}, raw=None)
 @example(index={"weight_map": {"a": [1]}}, raw=None)
 @example(index=None, raw=b"\xff\xfe{}")
+@example(index={"weight_map": {"": "\n"}}, raw=None)
 def test_safetensors_index_file_of_any_shape(hf_dir, index, raw):
     from slayer_jax.io.hf import INDEX_FILE, load_hf
 
@@ -927,10 +928,13 @@ TASK_FIELDS = ["task", "dataset_path", "dataset_kwargs", "output_type", "test_sp
 
 
 @fuzz(4)
-@given(edits=st.dictionaries(st.sampled_from(TASK_FIELDS[1:]), json_values, max_size=1),
+@given(edits=st.dictionaries(st.sampled_from([f for f in TASK_FIELDS[1:] if f != "doc_to_target"]), json_values,
+                             max_size=1),
        rows=st.none() | st.lists(mcq_lines, min_size=1, max_size=2))
 @example(edits={"dataset_path": "/nonexistent"}, rows=None)
 @example(edits={"doc_to_choice": 5}, rows=None)
+@example(edits={"doc_to_choice": None}, rows=None)
+@example(edits={"output_type": None}, rows=None)
 @example(edits={}, rows=[b"\xff\xfe"])
 @example(edits={}, rows=None)
 def test_harness_task_file_of_any_shape(harness_lm, edits, rows):
@@ -959,3 +963,19 @@ def test_harness_task_file_of_any_shape(harness_lm, edits, rows):
             assert_one_line(err, path, "fuzz_task")
         else:
             assert "fuzz_task" in got["results"]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: lm-eval's own metric code (Task.process_results, after the model "
+                                       "has scored) fails on a doc_to_target that renders to an empty list; "
+                                       "run_harness checks what lm-eval does before the model runs, not after")
+def test_harness_task_whose_target_breaks_lm_evals_metrics(harness_lm, tmp_path):
+    from slayer_jax.evaluation.harness import run_harness
+
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}\n')
+    task = {"task": "fuzz_task", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "Question: {{question}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": [], "metric_list": [{"metric": "acc"}]}
+    (tmp_path / "fuzz_task.yaml").write_text(json_text(task))
+    got, err = outcome(run_harness, harness_lm, ["fuzz_task"], include_path=[str(tmp_path)], limit=1)
+    assert err is not None and err.args[0].startswith(str(tmp_path / "fuzz_task.yaml"))

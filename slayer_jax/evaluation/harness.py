@@ -192,13 +192,14 @@ def run_harness(lm: Any, tasks: list[str], include_path: Sequence[str] = (), lim
         if missing:
             raise SlayerError(f"--harness-tasks: unknown lm-eval task {missing[0]!r}; expected a task of lm-eval "
                               f"or of --include-path")
-    built = []  # each task built from its YAML and data here, so that a bad task file is one line
-    for t in tasks:
+    built = []  # each task built from its YAML and data here, and its first document made into requests,
+    for t in tasks:  # so that a bad task file is one line (simple_evaluate reseeds and rebuilds them)
+        where = getattr(tm.task_index.get(t), "yaml_path", None) or "--harness-tasks"
         try:
             got = tm.load([t])
+            for task in got["tasks"].values():
+                task.build_all_requests(limit=1, rank=0, world_size=1)
         except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many types for a bad task file
-            entry = tm.task_index.get(t)
-            where = getattr(entry, "yaml_path", None) or "--harness-tasks"
             raise SlayerError(f"{where}: lm-eval task {t!r} cannot be built ({first_line(e)[:200]}); expected a "
                               f"task YAML whose fields and data lm-eval can read") from None
         built += [got["groups"][t]] if t in got["groups"] else list(got["tasks"].values())
