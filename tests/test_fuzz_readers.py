@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
-import os
 import re
 import shutil
 import struct
@@ -250,7 +250,7 @@ def test_config_json_any_bytes(hf_dir, data):
     with scratch() as d:
         path = d / "config.json"
         path.write_bytes(data)
-        got, err = outcome(load_config, path)
+        _, err = outcome(load_config, path)
         assert err is not None  # none of these bytes is an HF config
         assert_one_line(err, path)
 
@@ -289,7 +289,7 @@ def check_safetensors(path: Path) -> None:
         assert_one_line(err, path)
         return
     spans = []
-    for name in f.keys():
+    for name in f.entries:
         arr, err = outcome(f.read, name)
         if err is not None:
             assert_one_line(err, path, "tensor")
@@ -300,7 +300,7 @@ def check_safetensors(path: Path) -> None:
         if arr.size:
             spans.append(tuple(e["data_offsets"]))
     spans.sort()
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # a correct result: no shared bytes
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans  # a correct result: no shared bytes
 
 
 ENTRY_FIELDS = ["dtype", "shape", "data_offsets"]
@@ -600,7 +600,7 @@ def test_plan_file_of_any_shape(hf_dir, plan, wrap, raw):
             params = {"embed": {"embedding": np.zeros((4, 2))}, "norm": {"scale": np.ones(2)},
                       "layers": [{"o_proj": {"kernel": np.ones((2, 2))}, "down_proj": {"kernel": np.ones((2, 2))},
                                   "q_proj": {"kernel": np.full((2, 2), i)}} for i in range(3)]}
-            new, mask, lmap = surgery.apply_plan(params, got)
+            new, _, lmap = surgery.apply_plan(params, got)
             assert len(new["layers"]) == len(lmap) == got.num_new_layers
 
 
@@ -977,5 +977,5 @@ def test_harness_task_whose_target_breaks_lm_evals_metrics(harness_lm, tmp_path)
             "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "Question: {{question}}",
             "doc_to_choice": "{{choices}}", "doc_to_target": [], "metric_list": [{"metric": "acc"}]}
     (tmp_path / "fuzz_task.yaml").write_text(json_text(task))
-    got, err = outcome(run_harness, harness_lm, ["fuzz_task"], include_path=[str(tmp_path)], limit=1)
+    _, err = outcome(run_harness, harness_lm, ["fuzz_task"], include_path=[str(tmp_path)], limit=1)
     assert err is not None and err.args[0].startswith(str(tmp_path / "fuzz_task.yaml"))

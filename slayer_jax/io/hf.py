@@ -128,8 +128,8 @@ def _weight_files(path: Path) -> dict[str, SafetensorsFile]:
                               f"file name")
         for name, f in weight_map.items():  # a file beside the index, never a path elsewhere
             if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\\" in f or not f.isprintable():
-                raise SlayerError(f"{index}: field 'weight_map.{json.dumps(name)[1:-1]}' is {show_value(f)}; expected the "
-                                  f"name of a .safetensors file in the same directory")
+                raise SlayerError(f"{index}: field 'weight_map.{json.dumps(name)[1:-1]}' is {show_value(f)}; "
+                                  f"expected the name of a .safetensors file in the same directory")
         files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
         for name, f in weight_map.items():
             if name not in files[f].entries:

@@ -11,6 +11,7 @@ it writes are read back by the ``safetensors`` library and by transformers (test
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -86,7 +87,7 @@ class SafetensorsFile:
         self.entries: dict[str, dict] = header
         spans = sorted((tuple(e["data_offsets"]), name) for name, e in header.items() if e["data_offsets"][1] >
                        e["data_offsets"][0])
-        for ((_, end0), a), ((begin, _), b) in zip(spans, spans[1:]):
+        for ((_, end0), a), ((begin, _), b) in itertools.pairwise(spans):
             if begin < end0:
                 raise SlayerError(f"{self.path}: safetensors header: tensors {a!r} and {b!r} overlap (data_offsets "
                                   f"{list(header[a]['data_offsets'])} and {list(header[b]['data_offsets'])}); "
@@ -106,8 +107,8 @@ class SafetensorsFile:
         """(dtype, shape, absolute file offset) of tensor ``name``, after checking its header entry."""
         e = self.entries[name]
         if e["dtype"] not in _DTYPES:
-            raise SlayerError(f"{self.path}: tensor {name!r} has dtype {e['dtype']!r}; expected one of "
-                              f"{sorted(_DTYPES)}")
+            shown = e["dtype"] if e["dtype"].isprintable() else repr(e["dtype"])  # no name breaks the line
+            raise SlayerError(f"{self.path}: tensor {name!r} has dtype {shown}; expected one of {sorted(_DTYPES)}")
         dtype = _DTYPES[e["dtype"]]
         begin, end = e["data_offsets"]
         count = math.prod(e["shape"])  # exact: numpy's int64 product wraps around for huge shapes
