@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from slayer_jax.errors import SlayerError
-from slayer_jax.storage import write_text_atomic
 from slayer_jax.evaluation.loglik import (
     encode,
     length_batches,
@@ -46,6 +45,7 @@ from slayer_jax.evaluation.scoring import SAMPLE_MCQ_LARGE, SAMPLES, _read_jsonl
 from slayer_jax.generate import Generator
 from slayer_jax.modeling.config import ModelConfig
 from slayer_jax.modeling.model import Params, as_dtype, forward, unembed
+from slayer_jax.storage import write_text_atomic
 
 CHAT_PROMPTS = SAMPLES / "chat_prompts.jsonl"
 GENERAL_MCQ_LARGE = SAMPLE_MCQ_LARGE
