@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50
     c.checkpoint.keep = 3
-    c.checkpoint.async_save = True  # orbax writes in the background; a kill loses < 2 intervals (1 with False)
+    c.checkpoint.async_save = True  # background writes; a kill loses < 2 intervals (False: at most 1)
     c.checkpoint.resume = True
     c.checkpoint.hash_base = True
 

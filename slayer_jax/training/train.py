@@ -215,7 +215,13 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
     notice = multihost.PreemptionNotice()  # SIGTERM: save at this step, on every process, and stop
     preempted = False
     try:
+        every = int(c.checkpoint.every)
         while step < steps:
+            if (step + 1) % every == 0 or step + 1 == steps:
+                # the step about to run completes an interval: the previous save commits first, so
+                # a kill at any moment loses < 2 intervals (orbax alone waits when the next save
+                # starts, one step later: a kill just before it would lose two whole intervals)
+                ckpt.wait()
             t_step = time.perf_counter()
             batch = next(loader)
             state, mets = step_fn(state, frozen, multihost.global_batch(batch, b_sh, global_rows))
@@ -248,7 +254,7 @@ def run(config, eval_hook: Callable[[int, Params], dict[str, float]] | None = No
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
             preempted = notice.reached(step)
-            if preempted or step % int(c.checkpoint.every) == 0 or step == steps:
+            if preempted or step % every == 0 or step == steps:
                 ckpt.save(step, state, loader, meta)
                 if is_main:  # remote logs are written out once per checkpoint
                     logs.flush()
