@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from slayer_jax.errors import SlayerError
+from slayer_jax.errors import SlayerError, one_line
 
 
 def _save(params, cfg, tok, out: str, to: str, overwrite: bool, dtype=None, extra_config=None) -> Path:
@@ -582,12 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int((args.fn(args, extra) if getattr(args, "wants_extra", False) else args.fn(args)) or 0)
     except SlayerError as e:
-        print(f"slayer: error: {e}", file=sys.stderr)
+        print(f"slayer: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a write that failed (disk full, read-only, permissions): the writer cleaned up
         where = f"{e.filename}: " if e.filename else ""
-        print(f"slayer: error: {where}{e.strerror or e}; nothing was replaced", file=sys.stderr)
-        return 1
+        print(f"slayer: error: {one_line(f'{where}{e.strerror or e}')}; nothing was replaced", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

@@ -9,3 +9,9 @@ def first_line(e: BaseException | str) -> str:
     """The first line of an exception's message (its type's name when it has none): for one-line errors."""
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a path may hold a newline): what the CLI prints
+    as its single error line."""
+    return "".join(ch if ch.isprintable() or ch == "\t" else ascii(ch)[1:-1] for ch in text)

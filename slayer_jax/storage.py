@@ -88,6 +88,32 @@ def staging_path(target: str | os.PathLike, tag: str = "tmp") -> Path:
     return target.parent / f".{target.name}.{tag}-{_HOST}-{os.getpid()}"
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def require_free_space(target: str | os.PathLike, need_bytes: int, what: str = "the output") -> None:
+    """Refuse, before anything is written, a local write of ``need_bytes`` that the filesystem
+    holding ``target`` (or its nearest existing parent) has no room for; gs:// is not checked."""
+    if is_remote(target):
+        return
+    where = Path(target).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    margin = 1 << 16  # config and metadata files (a tokenizer that then does not fit fails as one line too)
+    if free < need_bytes + margin:
+        raise SlayerError(f"{target}: {what} needs {_gib(need_bytes + margin)} and its filesystem has "
+                          f"{_gib(free)} free; nothing was written")
+
+
+def name_failed_write(e: BaseException, target: str | os.PathLike) -> None:
+    """An ``OSError`` from a write inside a staging directory (ENOSPC from ``write()``) names no
+    file: name the target, so the CLI's one line says which output failed."""
+    if isinstance(e, OSError) and not e.filename:
+        e.filename = os.fspath(target)
+
+
 def _str(p: str | os.PathLike) -> str:
     s = os.fspath(p)
     return s.decode() if isinstance(s, bytes) else s

@@ -198,7 +198,7 @@ def test_a_dead_writers_staging_is_removed_a_live_ones_kept(good_dir, tmp_path, 
 
 @pytest.mark.parametrize("to", ["hf", "checkpoint"])
 def test_a_full_disk_mid_write_is_one_line_and_leaves_the_old_output(good_dir, tmp_path, capsys, monkeypatch, to):
-    """ENOSPC in the middle of writing over an existing export (--overwrite): one line, exit 1, the
+    """ENOSPC in the middle of writing over an existing export (--overwrite): one line, exit 2, the
     old output as it was, no staging directory left."""
     import errno
 
@@ -218,7 +218,7 @@ def test_a_full_disk_mid_write_is_one_line_and_leaves_the_old_output(good_dir, t
         import orbax.checkpoint as ocp
 
         monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
-    assert main(["convert", str(good_dir), str(out), "--to", to, "--overwrite"]) == 1
+    assert main(["convert", str(good_dir), str(out), "--to", to, "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"slayer: error: {tmp_path / 'disk'}: No space left on device; nothing was replaced"]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -242,4 +242,99 @@ def test_json_of_the_wrong_shape_is_one_line(good_dir, tmp_path, capsys, verb, c
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"slayer: error: {f}: {line}"), err
+    assert not (tmp_path / "out").exists()
+
+
+# Run inside a private user+mount namespace (`unshare -rm`) over a tmpfs mounted at argv[1]: the
+# real kernel's ENOSPC and EROFS, no mocks. Prints the CLI's exit codes and the files as JSON.
+FS_DRIVER = r'''
+import hashlib, json, os, sys
+from pathlib import Path
+mnt, src, to, mode = sys.argv[1:5]
+out = Path(mnt) / "out"
+from slayer_jax import storage
+from slayer_jax.cli import main
+def files(d):
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(d).rglob("*")) if p.is_file()}
+res = {}
+if mode == "readonly":
+    res["rc"] = main(["convert", src, str(out), "--to", to])
+else:
+    res["first"] = main(["convert", src, str(out), "--to", to])
+    res["before"] = files(out)
+    if mode == "midwrite":  # skip the free-space check: the write itself meets the full disk
+        storage.require_free_space = lambda *a, **k: None
+    print("--- second", file=sys.stderr, flush=True)
+    res["rc"] = main(["convert", src, str(out), "--to", to, "--overwrite"])
+    res["after"] = files(out)
+res["listing"] = sorted(os.listdir(mnt))
+print("RESULT " + json.dumps(res), flush=True)
+'''
+
+
+def _on_a_tmpfs(tmp_path, good_dir, to, mode):
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux `unshare` to mount a private tmpfs")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine allows no user+mount namespace: {probe.stderr.decode().strip()[:120]}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    opts = "ro" if mode == "readonly" else "size=800k"  # the tiny model is 0.46 MB: one copy fits, two do not
+    driver = tmp_path / "driver.py"
+    driver.write_text(FS_DRIVER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o {opts} tmpfs "$0" && exec "$@"', str(mnt),
+                        sys.executable, str(driver), str(mnt), str(good_dir), to, mode],
+                       capture_output=True, text=True, env=env, timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    err = r.stderr.split("--- second\n")[-1]
+    return json.loads(lines[0][len("RESULT "):]), [ln for ln in err.splitlines() if "it/s]" not in ln], mnt
+
+
+@pytest.mark.parametrize("to", ["hf", "checkpoint"])
+def test_a_real_full_filesystem_is_refused_before_writing(good_dir, tmp_path, to):
+    """A tmpfs with room for one copy: overwriting needs a second (the old output stays until the
+    new one is complete), so the write is refused up front: one line, exit 2, the old output as it was."""
+    res, err, mnt = _on_a_tmpfs(tmp_path, good_dir, to, "full")
+    assert res["first"] == 0
+    assert res["rc"] == 2
+    assert len(err) == 1 and err[0].startswith(f"slayer: error: {mnt / 'out'}: the ") and \
+        err[0].endswith("free; nothing was written") and "needs" in err[0], err
+    assert res["after"] == res["before"] and res["before"]
+    assert res["listing"] == ["out"]
+
+
+@pytest.mark.parametrize("to", ["hf", "checkpoint"])
+def test_a_disk_that_fills_mid_write_leaves_the_old_output(good_dir, tmp_path, to):
+    """The free-space check skipped, the kernel's ENOSPC meets the writer itself: the old output as
+    it was, no staging left, exit 2 and the last line names the target. (Orbax's background threads
+    log their own tracebacks before it on the checkpoint path: tensorstore's, not ours.)"""
+    res, err, mnt = _on_a_tmpfs(tmp_path, good_dir, to, "midwrite")
+    assert res["first"] == 0
+    assert res["rc"] == 2
+    assert res["after"] == res["before"] and res["before"]
+    assert res["listing"] == ["out"]
+    assert err[-1].startswith(f"slayer: error: {mnt / 'out'}: ") and "No space left on device" in err[-1], err[-5:]
+    if to == "hf":
+        assert err == [f"slayer: error: {mnt / 'out'}: No space left on device; nothing was replaced"]
+
+
+@pytest.mark.parametrize("to", ["hf", "checkpoint"])
+def test_a_read_only_filesystem_is_one_line_and_leaves_nothing(good_dir, tmp_path, to):
+    res, err, mnt = _on_a_tmpfs(tmp_path, good_dir, to, "readonly")
+    assert res["rc"] == 2
+    assert len(err) == 1 and err[0].startswith("slayer: error: ") and "Read-only file system" in err[0], err
+    assert res["listing"] == []
+
+
+def test_a_newline_in_a_path_keeps_the_error_on_one_line(tmp_path, capsys):
+    bad = tmp_path / "two\nlines"
+    assert main(["convert", str(bad), str(tmp_path / "out"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "two\\nlines" in err, err
     assert not (tmp_path / "out").exists()

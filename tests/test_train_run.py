@@ -171,8 +171,8 @@ def test_work_lost_to_a_kill_is_bounded_by_the_checkpoint_interval(tiny_setup, m
 
     class SlowDisk(train_mod.TrainCheckpointer):
         def save(self, step, state, loader, meta):
+            super().save(step, state, loader, meta)  # it may wait for the previous save first
             events.append(("save", step))
-            super().save(step, state, loader, meta)
 
         def wait(self):
             events.append(("wait", -1))

@@ -13,8 +13,11 @@ same pieces. Written to a temporary directory and renamed, like every output her
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from slayer_jax.errors import SlayerError, first_line
 from slayer_jax.io.hf import load_tokenizer
 from slayer_jax.modeling.config import ModelConfig, load_config
 from slayer_jax.modeling.model import Params, expected_shapes
-from slayer_jax.parallel.multihost import replicated_value
+from slayer_jax.parallel.multihost import replicated_value, together
 
 PARAMS_DIR = "params"
 
@@ -58,12 +61,19 @@ def save_model(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: An
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise SlayerError(f"{path}: already exists; pass --overwrite to replace it")
+    storage.require_free_space(path, sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params)), "the checkpoint")
     tmp = storage.staging_path(path)
     tmp.mkdir(parents=True)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, params)
-            ckptr.wait_until_finished()
+            try:
+                ckptr.save(tmp / PARAMS_DIR, params)
+                ckptr.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - tensorstore reports ENOSPC/EROFS as ValueError
+                if isinstance(e, (OSError, SlayerError)):
+                    raise
+                raise SlayerError(f"{path}: writing the checkpoint failed ({_write_error(e)}); "
+                                  f"nothing was replaced") from None
         config = cfg.to_hf_dict(len(params["layers"])) | (extra_config or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
@@ -71,10 +81,18 @@ def save_model(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: An
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        storage.name_failed_write(e, path)
         raise
     return path
+
+
+def _write_error(e: BaseException) -> str:
+    """What a failed orbax write says, short: tensorstore ends a failed file write with
+    ``[os_error_code='28']``, which names the cause better than its 500-character message."""
+    m = re.search(r"os_error_code='(\d+)'", str(e))
+    return os.strerror(int(m.group(1))) if m else first_line(e)[:300]
 
 
 def load_model(path: str | Path, dtype: Any = None, mesh: Any = None):
@@ -193,9 +211,15 @@ class TrainCheckpointer:
         """``loader``: the grain iterator; each process writes its own iterator state
         (grain's orbax handler: ``data/process_I-of-N.json``)."""
 
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=grain.checkpoint.CheckpointSave(loader),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.wait()  # the previous save's failure surfaces here, as one line, not in orbax's save
+        with together(f"checkpoint step {step}"):  # one process short of space stops them all
+            storage.require_free_space(self.directory, sum(int(getattr(x, "nbytes", 0))
+                                                           for x in jax.tree_util.tree_leaves(state)),
+                                       f"the step-{step} checkpoint")
+        with self._failures(step):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=grain.checkpoint.CheckpointSave(loader),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, abstract_state: Any, loader: Any, meta: dict, step: int | None = None) -> tuple[Any, int]:
         """Restore (state, step) and set ``loader`` (this process's iterator) to where it was,
@@ -237,12 +261,28 @@ class TrainCheckpointer:
                               f"damaged or truncated") from None
         return restored["state"], step
 
+    @contextlib.contextmanager
+    def _failures(self, step: int | None = None):
+        """A failed write (a full or read-only disk; tensorstore reports them as ValueError) as one
+        line naming the checkpoint directory and the newest step that is still intact."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, SlayerError):
+                raise
+            intact = self.manager.latest_step()
+            raise SlayerError(f"{self.directory}: saving a checkpoint failed ({_write_error(e)}); "
+                              f"the newest intact checkpoint is step {intact}") from None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failures():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def _short(x: Any, n: int = 80) -> str:

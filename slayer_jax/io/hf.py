@@ -338,8 +338,11 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path, tokenizer: An
         multihost.agree(None)  # process 0's outcome: raised here too if its write failed
         return out_dir
     try:
+        storage.require_free_space(out_dir, sum(int(np.prod(sp[1], dtype=np.int64)) * sp[2].itemsize
+                                                for sp in specs), "the HF export")
         _write_hf_dir(out_dir, names, shards, specs, get, bar, cfg, n_layers, extra_config, tokenizer)
     except BaseException as e:
+        storage.name_failed_write(e, out_dir)
         if jax.process_count() > 1:  # keep the all-gathers in step with the other processes, then fail together
             for s in specs[gathered[0]:]:
                 _host_copy(_get(params, transposed_of[s[0]][0]))
