@@ -338,3 +338,32 @@ def test_a_newline_in_a_path_keeps_the_error_on_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "two\\nlines" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_convert_killed_mid_write_then_run_again_succeeds_and_leaves_no_staging(smollm2_dir, tmp_path):
+    """A real SIGKILL while `slayer convert` writes SmolLM2 (0.5 GB of float32 safetensors): the
+    target is not there, the staging directory is; the same command again succeeds and removes it."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "slayer_jax.cli", "convert", str(smollm2_dir), str(out), "--to", "hf",
+            "--dtype", "float32"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    victim = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = []
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        staged = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        if staged and any(f.stat().st_size > 0 for f in staged[0].iterdir()):  # tensors are being written
+            break
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert staged and staged[0].exists() and not out.exists(), "the kill must land while the export is staged"
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "model.safetensors").stat().st_size > 100 * 2**20
