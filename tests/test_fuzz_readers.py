@@ -979,3 +979,97 @@ def test_harness_task_whose_target_breaks_lm_evals_metrics(harness_lm, tmp_path)
     (tmp_path / "fuzz_task.yaml").write_text(json_text(task))
     _, err = outcome(run_harness, harness_lm, ["fuzz_task"], include_path=[str(tmp_path)], limit=1)
     assert err is not None and err.args[0].startswith(str(tmp_path / "fuzz_task.yaml"))
+
+
+# ============================================================================= prepared corpus, HumanEval, probe
+MANIFEST_FIELDS = ["format", "format_version", "seq_len", "mode", "counts", "shards", "fingerprint", "tokenizer",
+                   "separator_id"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tok_dir, tmp_path_factory):
+    """A real prepared corpus of the tiny model's tokenizer: its manifest is what the fuzz mutates."""
+    d = tmp_path_factory.mktemp("fuzz_prep")
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": f"document {i} " * 5}) for i in range(12)))
+    assert main(["data", "prepare", str(d / "docs.jsonl"), "--tokenizer", str(tok_dir), "--out", str(d / "corpus"),
+                 "--seq-len", "16", "--quiet"]) == 0
+    return d / "corpus"
+
+
+@fuzz(120)
+@given(edits=st.dictionaries(st.sampled_from(MANIFEST_FIELDS), json_values, min_size=1, max_size=2),
+       drop=st.sets(st.sampled_from(MANIFEST_FIELDS), max_size=1), shard=st.none() | bad_bytes(),
+       raw=st.none() | bad_bytes())
+@example(edits={"shards": [{"file": "../../etc/passwd", "records": 1}]}, drop=set(), shard=None, raw=None)
+@example(edits={"counts": {"rows": "7"}}, drop=set(), shard=None, raw=None)
+@example(edits={"tokenizer": []}, drop=set(), shard=None, raw=None)
+@example(edits={"seq_len": 16}, drop=set(), shard=b"garbage", raw=None)
+def test_prepared_corpus_manifest_and_shards_of_any_shape(prepared, edits, drop, shard, raw):
+    from slayer_jax.data.prepare import PreparedCorpus
+
+    with scratch() as d:
+        corpus = d / "corpus"
+        shutil.copytree(prepared, corpus)
+        m = json.loads((corpus / "manifest.json").read_text())
+        m = {k: v for k, v in {**m, **edits}.items() if k not in drop}
+        (corpus / "manifest.json").write_bytes(raw if raw is not None else json_text(m).encode())
+        if shard is not None:
+            for f in corpus.glob("*.array_record"):
+                f.write_bytes(shard)
+        got, err = outcome(PreparedCorpus, corpus)
+        if err is not None:
+            assert_one_line(err, corpus)
+        else:  # a readable corpus: the rows it serves have the manifest's shape
+            rows = got.read(range(min(2, len(got))))
+            assert all(v.shape == (min(2, len(got)), got.seq_len) for v in rows.values())
+            assert got.stats.rows == len(got)
+
+
+humaneval_lines = st.one_of(
+    bad_bytes(), json_values.map(lambda v: json_text(v).encode()),
+    st.fixed_dictionaries({}, optional={k: st.text(max_size=8) | json_values | st.sampled_from(NASTY_STRINGS)
+                                        for k in ("task_id", "prompt", "test", "entry_point")}
+                          ).map(lambda o: json_text(o).encode()))
+
+
+@fuzz(120)
+@given(lines=st.lists(humaneval_lines, min_size=1, max_size=3), gz=st.sampled_from([None, "ok", "cut"]))
+@example(lines=[b'{"task_id": "t", "prompt": "p", "test": "t", "entry_point": "f(); import os"}'], gz=None)
+@example(lines=[b'{"task_id": "t", "prompt": "p", "test": "t", "entry_point": "f"}'], gz="cut")
+def test_humaneval_file_any_lines(lines, gz):
+    import gzip
+
+    from slayer_jax.evaluation.evaluate import load_humaneval
+
+    with scratch() as d:
+        body = b"\n".join(lines)
+        path = d / ("HumanEval.jsonl.gz" if gz else "HumanEval.jsonl")
+        if gz:
+            body = gzip.compress(body)
+            body = body[: len(body) // 2] if gz == "cut" else body
+        path.write_bytes(body)
+        got, err = outcome(load_humaneval, path)
+        if err is not None:
+            assert_one_line(err, path)
+        else:
+            for p in got:
+                assert all(isinstance(p[k], str) for k in ("task_id", "prompt", "test"))
+                assert p["entry_point"].isidentifier()
+
+
+@fuzz(80)
+@given(which=st.sampled_from(["heldout.jsonl", "train_questions.jsonl", "probe.json"]), content=bad_bytes()
+       | json_values.map(lambda v: json_text(v).encode()))
+@example(which="probe.json", content=DEEP.encode())
+def test_probe_folder_any_file(tmp_path_factory, which, content):
+    from slayer_jax.evaluation.probe import load_probe, make_task, write_task
+
+    with scratch() as d:
+        folder = write_task(make_task(6, seed=0), d / "probe")
+        (folder / which).write_bytes(content)
+        got, err = outcome(load_probe, folder)
+        if err is not None:
+            assert_one_line(err, folder)
+        else:
+            assert got["heldout"] and got["train_questions"]
+            assert got["manifest"] is None or isinstance(got["manifest"], dict)

@@ -47,6 +47,7 @@ import shutil
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grain
 import numpy as np
@@ -55,7 +56,7 @@ from slayer_jax import __version__, storage
 from slayer_jax.data import pipeline
 from slayer_jax.data.pipeline import PackStats
 from slayer_jax.data.tokens import separator_id
-from slayer_jax.errors import SlayerError
+from slayer_jax.errors import SlayerError, first_line
 from slayer_jax.io import load_any
 from slayer_jax.io.assets import _sha256  # one file hash for the project
 from slayer_jax.io.hf import load_tokenizer
@@ -365,22 +366,59 @@ def is_prepared(path: str | os.PathLike) -> bool:
         return False
 
 
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a prepared corpus, every field the reader uses checked for its type."""
     p = Path(str(path)).expanduser() / MANIFEST
     try:
-        m = json.loads(p.read_text())
+        m = json.loads(p.read_bytes())
     except OSError as e:
         raise SlayerError(f"{p}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise SlayerError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}); expected a slayer data manifest") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8; a 4300-digit number; nesting too deep
+        raise SlayerError(f"{p}: not valid JSON ({first_line(e)[:100]}); expected a slayer data manifest") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise SlayerError(f"{p}: field 'format' is {m.get('format') if isinstance(m, dict) else m!r}; "
+        raise SlayerError(f"{p}: field 'format' is {m.get('format') if isinstance(m, dict) else m!r:.60}; "
                           f"expected {FORMAT!r} (written by `slayer data prepare`)")
     if m.get("format_version") != FORMAT_VERSION:
-        raise SlayerError(f"{p}: field 'format_version' is {m.get('format_version')!r}; expected {FORMAT_VERSION}")
+        raise SlayerError(f"{p}: field 'format_version' is {m.get('format_version')!r:.60}; expected {FORMAT_VERSION}")
     for key in ("seq_len", "mode", "counts", "shards", "fingerprint", "tokenizer"):
         if key not in m:
             raise SlayerError(f"{p}: no field '{key}'; expected a complete slayer data manifest")
+
+    def bad(field: str, value: Any, expected: str):
+        return SlayerError(f"{p}: field '{field}' is {value!r:.80}; expected {expected}")
+
+    if not _count(m["seq_len"]) or m["seq_len"] < 2:
+        raise bad("seq_len", m["seq_len"], "an integer of at least 2")
+    if m["mode"] not in ("text", "sft"):
+        raise bad("mode", m["mode"], "'text' or 'sft'")
+    if not isinstance(m["fingerprint"], str):
+        raise bad("fingerprint", m["fingerprint"], "a string")
+    if m.get("separator_id") is not None and not _count(m["separator_id"]):
+        raise bad("separator_id", m["separator_id"], "a token id or null")
+    counts = m["counts"]
+    if not isinstance(counts, dict) or not _count(counts.get("rows")):
+        raise bad("counts", counts, "an object with an integer 'rows'")
+    for k in {f.name for f in dataclasses.fields(PackStats)} & set(counts):
+        if not _count(counts[k]):
+            raise bad(f"counts.{k}", counts[k], "a non-negative integer")
+    tok = m["tokenizer"]
+    if not isinstance(tok, dict) or not _count(tok.get("vocab_size")) or \
+            not isinstance(tok.get("vocab_hash"), (str, type(None))):
+        raise bad("tokenizer", tok, "an object with an integer 'vocab_size' and a string 'vocab_hash'")
+    shards = m["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise bad("shards", shards, "a non-empty list of {file, records}")
+    for n, sh in enumerate(shards):
+        name = sh.get("file") if isinstance(sh, dict) else None
+        if not (isinstance(name, str) and name and name == Path(name).name and name not in (".", "..")) \
+                or not _count(sh.get("records")):
+            raise bad(f"shards[{n}]", sh, "{\"file\": a file name inside the corpus folder, \"records\": an integer}")
     return m
 
 
@@ -406,8 +444,12 @@ class PreparedCorpus:
             if not f.is_file():
                 raise SlayerError(f"{f}: missing; the manifest lists it with {s['records']} rows")
             files.append(str(f))
-        self.source = grain.sources.ArrayRecordDataSource(files)
-        n = len(self.source)
+        try:
+            self.source = grain.sources.ArrayRecordDataSource(files)
+            n = len(self.source)
+        except (RuntimeError, ValueError, OSError) as e:  # array_record's C++ reader: a damaged or truncated shard
+            raise SlayerError(f"{self.path}: a shard is not a readable ArrayRecord file ({first_line(e)[:120]}); "
+                              f"expected the files `slayer data prepare` writes (prepare again)") from None
         if n != int(m["counts"]["rows"]):
             raise SlayerError(f"{self.path}: the shards hold {n} rows; the manifest says {m['counts']['rows']}")
         self.stats = self._stats()

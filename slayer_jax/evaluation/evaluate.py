@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import gzip
 import importlib.util
 import json
 import math
@@ -37,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from slayer_jax.data.sources import check_text
 from slayer_jax.errors import SlayerError, first_line
 from slayer_jax.evaluation import forgetting, sandbox
 from slayer_jax.evaluation.loglik import (  # noqa: F401
@@ -49,7 +49,7 @@ from slayer_jax.evaluation.loglik import (  # noqa: F401
     token_logprobs,
 )
 from slayer_jax.evaluation.probe import eval_probe, load_probe
-from slayer_jax.evaluation.scoring import load_mcq, load_text, mcq_metrics, mcq_requests
+from slayer_jax.evaluation.scoring import load_mcq, load_text, mcq_metrics, mcq_requests, read_jsonl
 from slayer_jax.generate import Generator
 from slayer_jax.modeling.model import count_params
 
@@ -104,19 +104,22 @@ def humaneval_path() -> Path:
 def load_humaneval(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The problems (task_id, prompt, canonical_solution, test, entry_point), in file order."""
     p = Path(path) if path else humaneval_path()
-    opener = gzip.open if p.suffix == ".gz" else open
     out = []
-    with opener(p, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise SlayerError(f"{p}: line {n}: not valid JSON; expected one problem a line") from None
-                missing = [k for k in ("task_id", "prompt", "test", "entry_point") if k not in row]
-                if missing:
-                    raise SlayerError(f"{p}: line {n}: field '{missing[0]}' is missing; expected a HumanEval problem")
-                out.append(row)
+    for n, row in read_jsonl(p):
+        if not isinstance(row, dict):
+            raise SlayerError(f"{p}: line {n}: a JSON {type(row).__name__}; expected a HumanEval problem object")
+        for k in ("task_id", "prompt", "test", "entry_point"):
+            if k not in row:
+                raise SlayerError(f"{p}: line {n}: field '{k}' is missing; expected a HumanEval problem")
+            if not isinstance(row[k], str):
+                raise SlayerError(f"{p}: line {n}: field '{k}' is {row[k]!r:.60}; expected a string")
+            check_text(row[k], f"{p}: line {n}", k)
+        if not row["entry_point"].isidentifier():
+            raise SlayerError(f"{p}: line {n}: field 'entry_point' is {row['entry_point']!r:.60}; expected a "
+                              f"Python function name")
+        out.append(row)
+    if not out:
+        raise SlayerError(f"{p}: no problems; expected one HumanEval problem a line")
     return out
 
 

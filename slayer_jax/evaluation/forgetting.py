@@ -41,7 +41,7 @@ from slayer_jax.evaluation.loglik import (
     rolling_windows,
     score_requests,
 )
-from slayer_jax.evaluation.scoring import SAMPLE_MCQ_LARGE, SAMPLES, _read_jsonl, load_text
+from slayer_jax.evaluation.scoring import SAMPLE_MCQ_LARGE, SAMPLES, read_jsonl, load_text
 from slayer_jax.generate import Generator
 from slayer_jax.modeling.config import ModelConfig
 from slayer_jax.modeling.model import Params, as_dtype, forward, unembed
@@ -157,7 +157,7 @@ def load_chat_prompts(src: str | Path = "sample") -> list[str]:
     """Prompts from a JSONL file with a non-empty string field ``prompt`` (or the shipped sample)."""
     path = CHAT_PROMPTS if str(src) == "sample" else Path(src)
     out = []
-    for n, row in _read_jsonl(path):
+    for n, row in read_jsonl(path):
         p = row.get("prompt") if isinstance(row, dict) else None
         if not isinstance(p, str) or not p.strip():
             raise SlayerError(f"{path}: line {n}: field 'prompt' is {p!r:.60}; expected a non-empty string")

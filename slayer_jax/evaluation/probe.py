@@ -43,7 +43,7 @@ import numpy as np
 from slayer_jax import storage
 from slayer_jax.errors import SlayerError
 from slayer_jax.evaluation.loglik import score_requests
-from slayer_jax.evaluation.scoring import MCQ, _read_jsonl, mcq_metrics, mcq_requests
+from slayer_jax.evaluation.scoring import MCQ, read_jsonl, mcq_metrics, mcq_requests
 from slayer_jax.generate import Generator
 
 GENERATOR_VERSION = 1
@@ -227,7 +227,7 @@ def _check_record(row: Any, where: str) -> dict:
 def load_questions(path: str | Path) -> list[dict]:
     """The question records of one probe JSONL file, each checked field by field."""
     path = Path(path)
-    out = [_check_record(row, f"{path}: line {n}") for n, row in _read_jsonl(path)]
+    out = [_check_record(row, f"{path}: line {n}") for n, row in read_jsonl(path)]
     if not out:
         raise SlayerError(f"{path}: no questions; expected one JSON object a line")
     return out
@@ -249,7 +249,7 @@ def load_probe(folder: str | Path) -> dict:
     if m.is_file():
         try:
             out["manifest"] = json.loads(m.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, a 4300-digit number, nesting too deep
             raise SlayerError(f"{m}: not valid JSON; expected the manifest `slayer data probe` writes") from None
         if not isinstance(out["manifest"], dict):
             raise SlayerError(f"{m}: expected a JSON object (the manifest `slayer data probe` writes)")

@@ -35,8 +35,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gzip
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,12 +80,30 @@ class MCQ:
     answer: int
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+def _lines_of(f, path: Path):
+    """Numbered raw lines; a damaged gzip stream is a one-line SlayerError."""
+    n = 0
+    while True:
+        try:
+            raw = f.readline()
+        except (OSError, EOFError, zlib.error) as e:
+            raise SlayerError(f"{path}: line {n + 1}: unreadable ({first_line(e)[:100]}); expected a gzipped "
+                              f"JSONL file") from None
+        if not raw:
+            return
+        n += 1
+        yield n, raw
+
+
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, JSON value) of each non-blank line of a UTF-8 JSONL file (``.gz``: gzipped);
+    anything unreadable is a one-line SlayerError naming the line."""
     if not path.is_file():
         raise SlayerError(f"{path}: file not found; expected a JSONL file (one JSON object a line), or 'sample'")
     rows = []
-    with open(path, "rb") as f:  # lines end at "\n" only, as every JSONL reader here reads them
-        for n, raw in enumerate(f, 1):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:  # lines end at "\n" only, as every JSONL reader here reads them
+        for n, raw in _lines_of(f, path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -106,7 +126,7 @@ def load_text(src: str | Path) -> list[str]:
     path = SAMPLE_TEXT if str(src) == "sample" else Path(src)
     if path.suffix == ".jsonl":
         docs = []
-        for n, row in _read_jsonl(path):
+        for n, row in read_jsonl(path):
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise SlayerError(f"{path}: line {n}: field 'text' is missing or empty; expected a non-empty string")
@@ -128,7 +148,7 @@ def load_mcq(src: str | Path) -> list[MCQ]:
     "sample" and "large" name the shipped sets."""
     path = {"sample": SAMPLE_MCQ, "large": SAMPLE_MCQ_LARGE}.get(str(src)) or Path(src)
     out = []
-    for n, row in _read_jsonl(path):
+    for n, row in read_jsonl(path):
         where = f"{path}: line {n}"
         if not isinstance(row, dict):
             raise SlayerError(f"{where}: expected a JSON object with fields question, choices, answer")
