@@ -14,6 +14,10 @@
   once with `slayer data prepare`, then list them with their weights in `data.source`.
 
     slayer plan  --config configs/slayer_llama2_7b.py --mesh data=1,fsdp=4,tensor=1 --device v5p-8
+    # v5e (16 GiB a chip): keep the compiler's collective matmuls from allocating every layer's
+    # outputs ahead (fits a v5litepod-8; 61.6% headroom on a v5litepod-16; bench/RESULTS.md)
+    slayer plan  --config configs/slayer_llama2_7b.py --device v5litepod-16 \\
+                 --config.libtpu_flags=--xla_tpu_enable_windowed_einsum_for_all_gather=false
     slayer data prepare /data/proof-pile-2 --tokenizer /path/to/Llama-2-7b-hf --seq-len 4096 --out gs://b/pp2
     slayer data prepare /data/stack-python --tokenizer /path/to/Llama-2-7b-hf --seq-len 4096 --out gs://b/py
     slayer train --config configs/slayer_llama2_7b.py --config.model=/path/to/Llama-2-7b-hf \\

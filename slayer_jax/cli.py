@@ -143,13 +143,14 @@ def cmd_surgery(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace, extra: list[str]) -> int:
-    from slayer_jax.training.configs import load_config_file
+    from slayer_jax.training.configs import apply_libtpu_flags, load_config_file
     from slayer_jax.training.train import run
 
     bad = [x for x in extra if not x.startswith("--config.")]
     if bad:
         raise SlayerError(f"train: unrecognised argument '{bad[0]}'; overrides look like --config.key=value")
     config = load_config_file(a.config, extra)
+    apply_libtpu_flags(config)
     summary = run(config)
     if summary["preempted_at"] is not None:  # checkpoint committed; the same command resumes
         return 0
@@ -169,9 +170,10 @@ def cmd_plan(a: argparse.Namespace, extra: list[str]) -> int:
                                    f" --xla_force_host_platform_device_count={max(n, 1)}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from slayer_jax.training.aot import compile_plan, format_compile, format_plan, plan_memory
-    from slayer_jax.training.configs import load_config_file
+    from slayer_jax.training.configs import apply_libtpu_flags, load_config_file
 
     config = load_config_file(a.config, extra)
+    apply_libtpu_flags(config)
     report = plan_memory(config, a.mesh, a.device, num_layers=None)
     print(format_plan(report))
     summary = {k: v for k, v in report.items() if k not in ("specs", "abstract")}

@@ -1,9 +1,12 @@
 """Recipes and `slayer plan` (memory table + AOT compile on a simulated mesh); the launchers are in
 tests/test_launch.py."""
 
+import json
 import math
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -202,3 +205,29 @@ def test_the_plan_estimate_is_within_25_percent_of_the_tpu_compiler(override):
     estimate = plan_memory(c, None, "v5p-8", num_layers=6)["bytes"]["total"]
     compiler = compile_plan(c, None, "v5p-8", num_layers=6, target="tpu")["memory"]["total"]
     assert 0.75 <= estimate / compiler <= 1.25, (estimate / 2**20, compiler / 2**20)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None, reason="needs libtpu (the [tpu] extra)")
+def test_libtpu_flags_reach_the_tpu_compiler_in_plan(tiny_run, tmp_path):
+    """`libtpu_flags` is set as LIBTPU_INIT_ARGS before jax starts: the plan prints and records it,
+    and libtpu itself refuses a flag it does not know (so the flags did reach it)."""
+    base = [sys.executable, "-m", "slayer_jax.cli", "plan", "--config", str(REPO / "configs" / "smollm2_slayer.py"),
+            "--device", "v5p-8", "--target", "tpu",
+            *[f"--config.{k}={tiny_run[k]}" for k in ("model", "batch_size")], "--config.data.seq_len=512",
+            "--config.plan.expand=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LIBTPU_INIT_ARGS", "JAX_PLATFORMS", "XLA_FLAGS")}
+    flag = "--xla_tpu_enable_windowed_einsum_for_all_gather=false"
+    out = tmp_path / "plan.json"
+    r = subprocess.run([*base, f"--config.libtpu_flags={flag}", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode in (0, 1), r.stderr[-2000:]
+    assert f"TPU compiler flags (LIBTPU_INIT_ARGS): {flag}" in r.stdout
+    assert json.loads(out.read_text())["compile"]["libtpu_init_args"] == flag
+    bogus = subprocess.run([*base, "--config.libtpu_flags=--xla_tpu_no_such_flag_for_slayer=1"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert bogus.returncode != 0 and "xla_tpu_no_such_flag_for_slayer" in bogus.stderr, bogus.stderr[-2000:]
+    syntax = subprocess.run([*base, "--config.libtpu_flags=windowed=false", "--no-compile"], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert syntax.returncode == 2 and syntax.stderr.strip().splitlines() == [
+        "slayer: error: config: field 'libtpu_flags' holds 'windowed=false'; expected flags such as "
+        "--xla_tpu_enable_windowed_einsum_for_all_gather=false, separated by spaces"], syntax.stderr

@@ -325,7 +325,8 @@ def compile_plan(c, mesh_spec: str | None, device: str, num_layers: int | None =
     lowered = program.lower(tr, fr, B, T)
     compiled = lowered.compile()
     info = {"target": target, "device": acc["name"], "compile_s": time.perf_counter() - t0, "num_layers": len(lmap),
-            "num_devices": n, "mesh": shape, "hlo_fingerprint": hlo_fingerprint(lowered)}
+            "num_devices": n, "mesh": shape, "hlo_fingerprint": hlo_fingerprint(lowered),
+            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", "") if target == "tpu" else ""}
     ma = compiled.memory_analysis()
     if ma is not None:
         mem = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
@@ -368,6 +369,8 @@ def format_compile(info: dict[str, Any]) -> str:
              if info["target"] == "tpu" else f"a simulated {info['num_devices']}-device CPU mesh")
     lines = [f"compiled the train step ({info['num_layers']} layers, mesh {info['mesh']}) for {where} in "
              f"{info['compile_s']:.1f} s: sharding is consistent"]
+    if info.get("libtpu_init_args"):
+        lines.append(f"  TPU compiler flags (LIBTPU_INIT_ARGS): {info['libtpu_init_args']}")
     if info["target"] != "tpu":
         lines.append("  (no TPU compile: libtpu is not installed, or the device is a GPU; the figures below are XLA:CPU's, "
                      "not the accelerator's)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat = "none"  # none | full | save_dots
     c.attention = "auto"  # auto (splash on TPU, cuDNN on GPU for bf16, xla elsewhere) | xla | splash | cudnn
     c.loss_chunk = 0  # > 0: cross-entropy over vocabulary chunks of this size, never [B, T, V] logits (slayer_jax.modeling.loss)
+    c.libtpu_flags = ""  # TPU compiler flags (LIBTPU_INIT_ARGS), e.g. "--xla_tpu_enable_windowed_einsum_for_all_gather=false"; train and plan set them before jax starts
     c.scan_layers = False  # scan runs of identical frozen layers (slayer_jax.modeling.layout): smaller HLO, same results
     c.mesh = "data=-1"  # data=..,fsdp=..,tensor=..; one axis may be -1
     c.num_devices = 0  # 0 = every device; N = the mesh uses the first N (e.g. 1 for a CPU demo)
@@ -185,6 +187,30 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
             build_plan(c.plan, L)
         except (ValueError, FileNotFoundError) as e:
             raise SlayerError(f"{source}: config key 'plan' does not fit the {L}-layer model: {e}") from None
+
+
+_LIBTPU_FLAG = re.compile(r"--[A-Za-z][A-Za-z0-9_]*(=\S+)?")
+
+
+def apply_libtpu_flags(c) -> str:
+    """Add the config's ``libtpu_flags`` to LIBTPU_INIT_ARGS, which libtpu reads once, when jax starts
+    its TPU backend (or compiles for a deviceless topology): ``slayer train`` and ``slayer plan`` call
+    this before either, so the plan compiles with the flags the run uses. Returns what is now set."""
+    flags = str(c.get("libtpu_flags", "") or "").split()
+    bad = [f for f in flags if not _LIBTPU_FLAG.fullmatch(f)]
+    if bad:
+        raise SlayerError(f"config: field 'libtpu_flags' holds {bad[0]!r}; expected flags such as "
+                          f"--xla_tpu_enable_windowed_einsum_for_all_gather=false, separated by spaces")
+    have = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+    new = [f for f in flags if f not in have]
+    if new:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            raise SlayerError("config: field 'libtpu_flags' is set, but jax has already started its backends in this "
+                              "process; libtpu would not see the flags")
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(have + new)
+    return os.environ.get("LIBTPU_INIT_ARGS", "")
 
 
 def load_config_file(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
