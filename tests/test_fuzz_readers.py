@@ -965,9 +965,6 @@ def test_harness_task_file_of_any_shape(harness_lm, edits, rows):
             assert "fuzz_task" in got["results"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: lm-eval's own metric code (Task.process_results, after the model "
-                                       "has scored) fails on a doc_to_target that renders to an empty list; "
-                                       "run_harness checks what lm-eval does before the model runs, not after")
 def test_harness_task_whose_target_breaks_lm_evals_metrics(harness_lm, tmp_path):
     from slayer_jax.evaluation.harness import run_harness
 

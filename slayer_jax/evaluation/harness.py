@@ -175,6 +175,21 @@ class SlayerLM(TemplateLM):
         return out  # type: ignore[return-value]
 
 
+_PLACEHOLDER = {"loglikelihood": (0.0, False), "multiple_choice": (0.0, False), "loglikelihood_rolling": 0.0,
+                "generate_until": ""}
+
+
+def _score_with_placeholders(task: Any) -> None:
+    """Run the task's own metric code (``process_results``) on every built document with placeholder
+    model outputs, so a task whose target or metrics cannot work fails here, before the model runs
+    (a ``doc_to_target`` that renders to an empty list breaks lm-eval's metrics only after scoring)."""
+    by_doc: dict[Any, list] = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, []).append(inst)
+    for insts in by_doc.values():
+        task.process_results(insts[0].doc, [_PLACEHOLDER.get(i.request_type, 0.0) for i in insts])
+
+
 def run_harness(lm: Any, tasks: list[str], include_path: Sequence[str] = (), limit: int | None = None,
                 log_samples: bool = False, **kw: Any) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` over ``tasks`` with our shipped task folder always included.
@@ -192,13 +207,15 @@ def run_harness(lm: Any, tasks: list[str], include_path: Sequence[str] = (), lim
         if missing:
             raise SlayerError(f"--harness-tasks: unknown lm-eval task {missing[0]!r}; expected a task of lm-eval "
                               f"or of --include-path")
-    built = []  # each task built from its YAML and data here, and its first document made into requests,
-    for t in tasks:  # so that a bad task file is one line (simple_evaluate reseeds and rebuilds them)
+    built = []  # each task built from its YAML and data here, and the documents it will score made into
+    for t in tasks:  # requests and scored with placeholders, so that a bad task file or row is one line
+        # (simple_evaluate reseeds and rebuilds them)
         where = getattr(tm.task_index.get(t), "yaml_path", None) or "--harness-tasks"
         try:
             got = tm.load([t])
             for task in got["tasks"].values():
-                task.build_all_requests(limit=1, rank=0, world_size=1)
+                task.build_all_requests(limit=limit if isinstance(limit, int) else None, rank=0, world_size=1)
+                _score_with_placeholders(task)
         except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many types for a bad task file
             raise SlayerError(f"{where}: lm-eval task {t!r} cannot be built ({first_line(e)[:200]}); expected a "
                               f"task YAML whose fields and data lm-eval can read") from None
