@@ -102,17 +102,17 @@ def test_jsonl_and_its_errors(tmp_path):
     assert list(docs) == ["alpha", "beta"] and docs.num_empty == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": "unterminated}\n')
-    one_line_error(lambda: D.load_documents(bad), str(bad), ":3:", "JSON")
+    one_line_error(lambda: D.load_documents(bad), str(bad), ": line 3:", "JSON")
     miss = tmp_path / "miss.jsonl"
     miss.write_text('{"text": "ok"}\n{"body": "no text here"}\n')
-    one_line_error(lambda: D.load_documents(miss), f"{miss}:2:", "'text'", "body")
-    one_line_error(lambda: D.load_documents(miss, field="body"), f"{miss}:1:", "'body'")
+    one_line_error(lambda: D.load_documents(miss), f"{miss}: line 2:", "'text'", "body")
+    one_line_error(lambda: D.load_documents(miss, field="body"), f"{miss}: line 1:", "'body'")
     typ = tmp_path / "typ.jsonl"
     typ.write_text('{"text": 7}\n')
-    one_line_error(lambda: D.load_documents(typ), f"{typ}:1", "int", "expected a string")
+    one_line_error(lambda: D.load_documents(typ), f"{typ}: line 1", "int", "expected a string")
     arr = tmp_path / "arr.jsonl"
     arr.write_text('["text"]\n')
-    one_line_error(lambda: D.load_documents(arr), f"{arr}:1", "list")
+    one_line_error(lambda: D.load_documents(arr), f"{arr}: line 1", "list")
 
 
 def test_parquet_and_missing_column(tmp_path):
@@ -381,12 +381,12 @@ def test_load_chat_jsonl(tmp_path):
     p.write_text(json.dumps({"messages": CHAT}) + "\n\n" + json.dumps({"messages": CHAT[1:3]}) + "\n")
     assert D.load_chat_jsonl(p) == [CHAT, CHAT[1:3]]
     cases = {
-        '{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [}\n': (":2:", "JSON"),
-        '{"conversation": []}\n': (":1:", "'messages'", "conversation"),
-        '{"messages": [{"role": "user", "content": 3}]}\n': (":1:", "messages[0].content", "int"),
-        '{"messages": [{"content": "x"}]}\n': (":1:", "messages[0]", "'role'"),
-        '{"messages": "hi"}\n': (":1:", "str"),
-        '{"messages": []}\n': (":1:", "empty"),
+        '{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [}\n': (": line 2:", "JSON"),
+        '{"conversation": []}\n': (": line 1:", "'messages'", "conversation"),
+        '{"messages": [{"role": "user", "content": 3}]}\n': (": line 1:", "messages[0].content", "int"),
+        '{"messages": [{"content": "x"}]}\n': (": line 1:", "messages[0]", "'role'"),
+        '{"messages": "hi"}\n': (": line 1:", "str"),
+        '{"messages": []}\n': (": line 1:", "empty"),
         '': ("empty",),
     }
     for i, (text, match) in enumerate(cases.items()):

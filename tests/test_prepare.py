@@ -114,7 +114,7 @@ def test_prepare_is_atomic(env, tmp_path):
     lines = env["a"].read_text().splitlines()
     bad.write_text("\n".join(lines[:100] + ['{"text": 5}'] + lines[100:]) + "\n")   # fails mid-stream
     out = tmp_path / "out"
-    with pytest.raises(SlayerError, match=r"bad.jsonl:101: field 'text' is a int"):
+    with pytest.raises(SlayerError, match=r"bad.jsonl: line 101: field 'text' is a int"):
         P.prepare_corpus(bad, env["tok"], out, seq_len=T, shards=2)
     assert os.listdir(tmp_path) == ["bad.jsonl"]                                   # no output, no temporary dir
     P.prepare_corpus(env["b"], env["tok"], out, seq_len=T)
@@ -142,10 +142,10 @@ def test_cli_bad_input_is_one_line(env, tmp_path, capsys, case):
         src, want = str(tmp_path / "nope.jsonl"), "nope.jsonl: no such file or directory"
     elif case == "bad_json":
         (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-        src, want = str(tmp_path / "x.jsonl"), "x.jsonl:2: not valid JSON"
+        src, want = str(tmp_path / "x.jsonl"), "x.jsonl: line 2: not valid JSON"
     elif case == "no_field":
         (tmp_path / "x.jsonl").write_text('{"body": "ok"}\n')
-        src, want = str(tmp_path / "x.jsonl"), "x.jsonl:1: no field 'text' (fields: body)"
+        src, want = str(tmp_path / "x.jsonl"), "x.jsonl: line 1: no field 'text' (fields: body)"
     elif case == "seq_len":
         extra, want = ["--seq-len", "1"], "--seq-len: 1; expected an integer > 1"
     elif case == "shards":

@@ -7,8 +7,10 @@ and names the file, the line and the field of anything malformed in one :class:`
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -80,38 +82,56 @@ def _is_saved_dataset(d: Path) -> bool:
     return (d / "dataset_dict.json").is_file() or (d / "state.json").is_file()
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a malformed line is a one-line SlayerError."""
-    try:
-        f = open(path, "rb")  # line by line: a large JSONL is never held whole
+def _numbered_lines(f, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line); a damaged gzip stream is a one-line SlayerError."""
+    n = 0
+    while True:
+        try:
+            raw = f.readline()
+        except (OSError, EOFError, zlib.error) as e:
+            raise SlayerError(f"{path}: line {n + 1}: unreadable ({first_line(e)[:100]}); expected a gzipped "
+                              f"JSONL file") from None
+        if not raw:
+            return
+        n += 1
+        yield n, raw
+
+
+def iter_jsonl(path: Path, *, objects: bool = True, empty_ok: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each non-blank line of a UTF-8 JSONL file (``.gz``: gzipped),
+    streamed: a large file is never held whole. The one JSONL reader of the package (training data,
+    chats, evaluation files): anything malformed is a one-line SlayerError naming the line.
+    ``objects``: every value must be a JSON object; ``empty_ok``: a file without lines is no error."""
+    try:  # lines end at "\n" only
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except OSError as e:
         raise SlayerError(f"{path}: cannot read ({e.strerror})") from None
     seen = False
     with f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _numbered_lines(f, path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise SlayerError(f"{path}:{lineno}: byte {e.start} is not UTF-8; expected UTF-8 text") from None
+                raise SlayerError(f"{path}: line {lineno}: byte {e.start} is not UTF-8; expected UTF-8 text") from None
             if not line.strip():
                 continue
             seen = True
-            yield lineno, _json_object(path, lineno, line)
-    if not seen:
+            yield lineno, _json_value(path, lineno, line, objects)
+    if not seen and not empty_ok:
         raise SlayerError(f"{path}: file is empty; expected one JSON object per line")
 
 
-def _json_object(path: Path, lineno: int, line: str) -> dict:
+def _json_value(path: Path, lineno: int, line: str, objects: bool) -> Any:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise SlayerError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+        raise SlayerError(f"{path}: line {lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                           f"expected one JSON object per line") from None
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits; arrays nested too deeply
-        raise SlayerError(f"{path}:{lineno}: not valid JSON ({first_line(e)[:100]}); "
+        raise SlayerError(f"{path}: line {lineno}: not valid JSON ({first_line(e)[:100]}); "
                           f"expected one JSON object per line") from None
-    if not isinstance(obj, dict):
-        raise SlayerError(f"{path}:{lineno}: a JSON {type(obj).__name__}; expected one JSON object per line")
+    if objects and not isinstance(obj, dict):
+        raise SlayerError(f"{path}: line {lineno}: a JSON {type(obj).__name__}; expected one JSON object per line")
     return obj
 
 
@@ -242,11 +262,11 @@ def iter_documents(source: str | os.PathLike, *, field: str = "text", split: str
             if d is not None:
                 yield d
         elif suffix == ".jsonl":
-            for lineno, obj in _iter_jsonl(path):
+            for lineno, obj in iter_jsonl(path):
                 if field not in obj:
-                    raise SlayerError(f"{path}:{lineno}: no field '{field}' (fields: {_fields(obj)}); "
+                    raise SlayerError(f"{path}: line {lineno}: no field '{field}' (fields: {_fields(obj)}); "
                                       f"expected a string field '{field}'")
-                if keep(obj[field], f"{path}:{lineno}") is not None:
+                if keep(obj[field], f"{path}: line {lineno}") is not None:
                     yield obj[field]
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -328,14 +348,14 @@ def _iter_chat_jsonl(path: Path, field: str) -> Iterator[list[dict]]:
     if path.stat().st_size == 0:
         raise SlayerError(f"{path}: file is empty; expected one {{\"{field}\": [...]}} object per line")
     n = 0
-    for lineno, obj in _iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         if field not in obj:
             if field != "messages":
-                raise SlayerError(f"{path}:{lineno}: no field '{field}'; expected a list of messages")
-            raise SlayerError(f"{path}:{lineno}: no field 'messages' (fields: {_fields(obj)}); "
+                raise SlayerError(f"{path}: line {lineno}: no field '{field}'; expected a list of messages")
+            raise SlayerError(f"{path}: line {lineno}: no field 'messages' (fields: {_fields(obj)}); "
                               f"expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
         n += 1
-        yield check_messages(obj[field], f"{path}:{lineno}")
+        yield check_messages(obj[field], f"{path}: line {lineno}")
     if not n:
         raise SlayerError(f"{path}: no conversations; expected one {{\"{field}\": [...]}} object per line")
 

@@ -35,10 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import gzip
-import json
 import math
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from slayer_jax import surgery
-from slayer_jax.data.sources import check_text
-from slayer_jax.errors import SlayerError, first_line
+from slayer_jax.data.sources import check_text, iter_jsonl
+from slayer_jax.errors import SlayerError
 from slayer_jax.evaluation.loglik import encode_pair
 from slayer_jax.modeling.config import ModelConfig, show_value
 from slayer_jax.modeling.loss import target_logprobs
@@ -80,45 +77,12 @@ class MCQ:
     answer: int
 
 
-def _lines_of(f, path: Path):
-    """Numbered raw lines; a damaged gzip stream is a one-line SlayerError."""
-    n = 0
-    while True:
-        try:
-            raw = f.readline()
-        except (OSError, EOFError, zlib.error) as e:
-            raise SlayerError(f"{path}: line {n + 1}: unreadable ({first_line(e)[:100]}); expected a gzipped "
-                              f"JSONL file") from None
-        if not raw:
-            return
-        n += 1
-        yield n, raw
-
-
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, JSON value) of each non-blank line of a UTF-8 JSONL file (``.gz``: gzipped);
-    anything unreadable is a one-line SlayerError naming the line."""
+    """(line number, JSON value) of every non-blank line of an evaluation file (``.gz``: gzipped),
+    through the package's one JSONL reader; the callers check each value's shape."""
     if not path.is_file():
         raise SlayerError(f"{path}: file not found; expected a JSONL file (one JSON object a line), or 'sample'")
-    rows = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:  # lines end at "\n" only, as every JSONL reader here reads them
-        for n, raw in _lines_of(f, path):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SlayerError(f"{path}: line {n}: byte {e.start} is not UTF-8; expected UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise SlayerError(f"{path}: line {n}: not valid JSON ({e.msg}); expected one JSON object a line") \
-                    from None
-            except (ValueError, RecursionError) as e:  # a number of over 4300 digits; arrays nested too deeply
-                raise SlayerError(f"{path}: line {n}: not valid JSON ({first_line(e)[:100]}); expected one JSON "
-                                  f"object a line") from None
-    return rows
+    return list(iter_jsonl(path, objects=False, empty_ok=True))
 
 
 def load_text(src: str | Path) -> list[str]:
