@@ -2,13 +2,17 @@
 
 1. model: the default model (downloaded and converted once, then cached);
 2. data: a Python code corpus built from this machine's standard library (the domain; split by
-   file into train and held-out), the shipped general-English passages (forgetting) and the
-   shipped multiple-choice sample;
+   file into train and held-out), the knowledge-injection probe's facts about fictional people
+   (mixed into the domain corpus, half the rows; questions about them measure recall), the
+   shipped general-English passages (forgetting: KL from the base model, and perplexity) and
+   the shipped multiple-choice sample;
 3. importance: angular distance, Block Influence and a removal sweep, with plots;
 4. surgery: the S strategy, numbers chosen from the profile (printed with the reasoning);
 5. training: only the new blocks, on the code corpus, through the same ``train.run`` a TPU job
    uses (grain data, masked optimizer, orbax checkpoints, TensorBoard logs);
-6. evaluation of base and result: held-out code perplexity, English perplexity, MCQ accuracy;
+6. evaluation of base and result, and three times during training (curves): recall of the
+   injected facts (held-out and training-split probe questions, multiple choice), KL(base ||
+   tuned) on general English, held-out code NLL; at the end also English perplexity and MCQ;
 7. export to an HF directory, and ``report.md`` with the table, plots and stage timings.
 
 ``--compare`` also trains LLaMA Pro (uniform copies, same number of new blocks) and full
@@ -32,7 +36,9 @@ import numpy as np
 
 from slayer_jax import importance, surgery
 from slayer_jax.data.corpus import build_code_corpus
-from slayer_jax.evaluation import scoring
+from slayer_jax.evaluation import probe, scoring
+from slayer_jax.evaluation.forgetting import kl_divergence
+from slayer_jax.evaluation.loglik import encode, prefix_token_id
 from slayer_jax.io.assets import default_model_dir
 from slayer_jax.io.hf import load_hf
 from slayer_jax.surgery import format_layer_map
@@ -43,6 +49,9 @@ PAPER_L, PAPER_EXPAND, PAPER_PRUNE = 32, 8, 2
 # 30 x 1024 tokens: the masked step takes about 14.5 s on a quiet 2-core machine,
 # which keeps the default run inside its 15-minute budget (docs/demo.md has the stage timings).
 DEFAULT_STEPS = 30
+# the probe: 12 fictional people (6 with question-answer text in the corpus, 6 held out: 30
+# questions each split), drawn in as many rows as the code corpus (mixture weight 1:1)
+PROBE_PEOPLE, PROBE_SEED, FACTS_WEIGHT = 12, 0, 1.0
 
 
 def _log(msg: str) -> None:
@@ -106,8 +115,10 @@ def build_data(out: Path) -> dict[str, Any]:
 
 
     code = build_code_corpus(out / "data" / "code", train_budget=1_500_000, heldout_budget=200_000)
+    facts = probe.write_task(probe.make_task(PROBE_PEOPLE, PROBE_SEED), out / "data" / "probe", overwrite=True)
     samples = resources.files("slayer_jax") / "data_samples"
     return {"code_train": out / "data" / "code" / "train.jsonl", "code_heldout": out / "data" / "code" / "heldout.jsonl",
+            "facts_train": facts / "train.jsonl", "probe": facts,
             "english": Path(str(samples / "english_text.jsonl")), "mcq": Path(str(samples / "general_mcq.jsonl")),
             "code_manifest": code}
 
@@ -125,18 +136,28 @@ def make_evalsets(tok, paths: dict, seq_len: int, code_windows: int, english_win
                                          text_source=str(paths["english"])),
         "mcq": scoring.build_evalset(tok, english, mcq, seq_len, max_windows=1, max_questions=mcq_limit,
                                      text_source=str(paths["english"]), mcq_source=str(paths["mcq"])),
+        "probe": probe.load_probe(paths["probe"]),
+        "kl_tokens": [encode(tok, d) for d in english], "kl_prefix": prefix_token_id(tok), "seq_len": seq_len,
+        "tok": tok,
     }
 
 
-def evaluate(params, cfg, sets, mcq: bool = True) -> dict[str, float]:
-    """Held-out code and English perplexity (and MCQ accuracy, which is slower: base and final only)."""
+def evaluate(params, cfg, sets, base_params=None, final: bool = True) -> dict[str, float]:
+    """Recall of the injected facts (probe questions, multiple choice: held-out people and the
+    training split), KL(base || tuned) per token on general English (0 for the base model itself,
+    ``base_params=None``) and held-out code NLL; ``final`` adds English perplexity and MCQ accuracy."""
 
     code = scoring.score_params(params, sets["code"], cfg).metrics(sets["code"])
-    eng = scoring.score_params(params, sets["english"], cfg).metrics(sets["english"])
-    out = {"code_nll": code["nll"], "code_ppl": code["ppl"], "english_nll": eng["nll"], "english_ppl": eng["ppl"]}
-    if mcq:
+    out = {"code_nll": code["nll"], "code_ppl": code["ppl"]}
+    for split, key in (("heldout", "heldout"), ("train", "train_questions")):
+        m, _ = probe.probe_mcq(params, cfg, sets["tok"], sets["probe"][key], max_length=sets["seq_len"])
+        out[f"recall_{split}"] = m["acc"]
+    out["kl"] = 0.0 if base_params is None else kl_divergence(
+        base_params, cfg, params, cfg, sets["kl_tokens"], sets["kl_prefix"], sets["seq_len"])["kl"]
+    if final:
+        eng = scoring.score_params(params, sets["english"], cfg).metrics(sets["english"])
         m = scoring.score_params(params, sets["mcq"], cfg).metrics(sets["mcq"])
-        out.update(mcq_acc=m["acc"], mcq_acc_norm=m["acc_norm"])
+        out.update(english_nll=eng["nll"], english_ppl=eng["ppl"], mcq_acc=m["acc"], mcq_acc_norm=m["acc_norm"])
     return out
 
 
@@ -151,7 +172,7 @@ def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int,
     c.batch_size = 4
     c.num_devices = 1  # a 2-core CPU gains nothing from a mesh of simulated devices
     c.data.seq_len = 256
-    c.data.source = str(paths["code_train"])
+    c.data.source = f"{paths['code_train']}@1.0;{paths['facts_train']}@{FACTS_WEIGHT}"  # the domain: code + facts
     c.log_every = 5
     c.eval_every = max(1, steps // 3)
     c.checkpoint.every = steps
@@ -171,21 +192,24 @@ def train_config(model_dir: Path, out: Path, name: str, paths: dict, steps: int,
     return c
 
 
-def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, timer, curve: bool = True):
+def run_method(model_dir, out, name, paths, steps, seed, plan, kind, sets, cfg, timer, base_params, base):
 
 
     c = train_config(model_dir, out, name, paths, steps, seed, plan, kind)
     shutil.rmtree(c.workdir, ignore_errors=True)
-    with timer(f"train {name} (seed {seed}, {steps} steps)"):
-        # --compare evaluates during training (curves); the default run only at the end (time budget)
-        summary = run(c, eval_hook=(lambda step, p: evaluate(p, cfg, sets, mcq=False)) if curve else None)
+    with timer(f"train {name} (seed {seed}, {steps} steps, curves: recall, KL, code NLL)"):
+        def during(step, p):  # step 0 is the base model and the last step the final evaluation: once each
+            return {} if step in (0, steps) else evaluate(p, cfg, sets, base_params, final=False)
+
+        summary = run(c, eval_hook=during)
     if summary["preempted_at"] is not None:  # the demo's runs start afresh: nothing to resume
         raise SystemExit(f"slayer demo: stopped by SIGTERM while training {name}; run it again to start over")
     with timer(f"evaluate {name} (seed {seed})"):
-        final = evaluate(summary["params"], cfg, sets)
+        final = evaluate(summary["params"], cfg, sets, base_params)
     hist = summary["history"]
+    curve = [{"step": 0, **base}] + [h for h in hist if "kl" in h] + [{"step": steps, **final}]
     step_times = [r["step_s"] for r in hist if "step_s" in r][2:]  # skip compile steps
-    return {"name": name, "seed": seed, "history": hist, "export_dir": str(summary["export_dir"]),
+    return {"name": name, "seed": seed, "history": hist, "curve": curve, "export_dir": str(summary["export_dir"]),
             "trainable": int(sum(np.prod(x.shape) for x, m in zip(_leaves(summary["params"]), _leaves(summary["mask"]))
                                  if m)),
             "total_params": int(sum(np.prod(x.shape) for x in _leaves(summary["params"]))),
@@ -200,22 +224,28 @@ def _leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def plot_loss(results: list[dict], path: Path, base: dict | None = None) -> None:
+COLORS = {"slayer": "tab:green", "llama_pro": "tab:purple", "full_ft": "tab:red"}
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_loss(results: list[dict], path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
-        h = r["history"]
-        s = [x["step"] for x in h if "loss" in x]
-        ax[0].plot(s, [x["loss"] for x in h if "loss" in x], label=f"{r['name']} s{r['seed']}", alpha=0.8)
-        e = [x for x in h if "code_nll" in x]
-        if not e and base is not None:  # no evaluations during training (default run): base and result
-            e = [{"step": 0, **base}, {"step": s[-1] if s else 0, **r["final"]}]
-        ax[1].plot([x["step"] for x in e], [x["code_nll"] for x in e], marker="o", label=f"{r['name']} s{r['seed']}")
-    ax[0].set(xlabel="step", ylabel="train loss (code, nats/token)", title="training loss")
+        h = [x for x in r["history"] if "loss" in x]
+        ax[0].plot([x["step"] for x in h], [x["loss"] for x in h], label=f"{r['name']} s{r['seed']}", alpha=0.8,
+                   color=COLORS.get(r["name"]))
+        ax[1].plot([x["step"] for x in r["curve"]], [x["code_nll"] for x in r["curve"]], marker="o",
+                   color=COLORS.get(r["name"]), label=f"{r['name']} s{r['seed']}")
+    ax[0].set(xlabel="step", ylabel="train loss (code + facts, nats/token)", title="training loss")
     ax[1].set(xlabel="step", ylabel="held-out code NLL", title="domain: held-out stdlib code")
     for a in ax:
         a.grid(alpha=0.3)
@@ -225,44 +255,41 @@ def plot_loss(results: list[dict], path: Path, base: dict | None = None) -> None
     plt.close(fig)
 
 
-def plot_bars(base: dict, results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = ["base"] + [f"{r['name']}\ns{r['seed']}" for r in results]
-    code = [base["code_ppl"]] + [r["final"]["code_ppl"] for r in results]
-    eng = [base["english_ppl"]] + [r["final"]["english_ppl"] for r in results]
+def plot_curves(results: list[dict], path: Path, chance: float) -> None:
+    """Recall of the injected facts and KL from the base model over training, one line per run."""
+    plt = _pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].bar(names, code, color="tab:blue")
-    ax[0].set(title="domain gain: held-out code perplexity (lower is better)", ylabel="ppl")
-    ax[1].bar(names, eng, color="tab:orange")
-    ax[1].set(title="forgetting: general-English perplexity (lower is better)", ylabel="ppl")
-    for a, vals in zip(ax, (code, eng)):
-        a.set_ylim(min(vals) * 0.95, max(vals) * 1.03)
-        a.tick_params(axis="x", labelsize=7)
+    for r in results:
+        s = [x["step"] for x in r["curve"]]
+        color = COLORS.get(r["name"])
+        ax[0].plot(s, [x["recall_heldout"] for x in r["curve"]], marker="o", color=color,
+                   label=f"{r['name']} s{r['seed']}: held-out people")
+        ax[0].plot(s, [x["recall_train"] for x in r["curve"]], marker="x", ls="--", color=color, alpha=0.7,
+                   label=f"{r['name']} s{r['seed']}: training split")
+        ax[1].plot(s, [x["kl"] for x in r["curve"]], marker="o", color=color, label=f"{r['name']} s{r['seed']}")
+    ax[0].axhline(chance, color="grey", lw=0.8, ls=":", label=f"chance ({chance:.2f})")
+    ax[0].set(xlabel="step", ylabel="probe accuracy (multiple choice)", title="recall of the injected facts",
+              ylim=(0, 1))
+    ax[1].set(xlabel="step", ylabel="KL(base || tuned), nats/token", title="forgetting: KL on general English")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_tradeoff(base: dict, results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_tradeoff(results: list[dict], path: Path) -> None:
+    """Recall against forgetting as training goes: up (recall) and left (less KL) is better."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    colors = {"slayer": "tab:green", "llama_pro": "tab:purple", "full_ft": "tab:red"}
     for r in results:
-        e = [x for x in r["history"] if "code_nll" in x]
-        ax.plot([x["code_nll"] for x in e], [x["english_ppl"] for x in e], marker="o", alpha=0.8,
-                color=colors.get(r["name"]), label=f"{r['name']} seed {r['seed']}")
-    ax.scatter([base["code_nll"]], [base["english_ppl"]], color="black", zorder=5, label="base")
-    ax.set(xlabel="held-out code NLL (domain; left is better)",
-           ylabel="general-English perplexity (forgetting; lower is better)",
-           title="domain vs forgetting during training")
+        ax.plot([x["kl"] for x in r["curve"]], [x["recall_heldout"] for x in r["curve"]], marker="o", alpha=0.8,
+                color=COLORS.get(r["name"]), label=f"{r['name']} seed {r['seed']}")
+    base = results[0]["curve"][0]
+    ax.scatter([0.0], [base["recall_heldout"]], color="black", zorder=5, label="base")
+    ax.set(xlabel="KL(base || tuned) on general English (forgetting; left is better)",
+           ylabel="recall: held-out people's facts (up is better)", title="recall vs forgetting during training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -283,24 +310,28 @@ def write_report(out: Path, ctx: dict) -> Path:
              f"Plan: new blocks after original layers {list(ctx['plan'].expand_after)}, pruned "
              f"{list(ctx['plan'].prune) or 'none'}; {ctx['plan'].num_new_layers} layers.", "",
              "## Results", "",
-             "| model | layers | trainable params | peak LR | steps x tokens | held-out code ppl | English ppl | "
-             "MCQ acc | MCQ acc_norm | opt state | step s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| base | {ctx['num_layers']} | - | - | - | {_fmt(base['code_ppl'])} | {_fmt(base['english_ppl'])} | "
-             f"{_fmt(base['mcq_acc'])} | {_fmt(base['mcq_acc_norm'])} | - | - |"]
+             "| model | layers | trainable params | peak LR | steps x tokens | recall: held-out | recall: train split "
+             "| KL | held-out code ppl | English ppl | MCQ acc | opt state | step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| base | {ctx['num_layers']} | - | - | - | {_fmt(base['recall_heldout'])} | {_fmt(base['recall_train'])} "
+             f"| 0 | {_fmt(base['code_ppl'])} | {_fmt(base['english_ppl'])} | {_fmt(base['mcq_acc'])} | - | - |"]
     for r in results:
         f = r["final"]
         lines.append(f"| {r['name']} (seed {r['seed']}) | {r['num_layers']} | {r['trainable']:,} "
                      f"({100 * r['trainable'] / r['total_params']:.0f}%) | {r['peak_lr']:g} | "
-                     f"{ctx['steps']} x {ctx['tokens_per_step']} | {_fmt(f['code_ppl'])} | {_fmt(f['english_ppl'])} | "
-                     f"{_fmt(f['mcq_acc'])} | {_fmt(f['mcq_acc_norm'])} | {r['opt_state_bytes'] / 1e6:.0f} MB | "
+                     f"{ctx['steps']} x {ctx['tokens_per_step']} | {_fmt(f['recall_heldout'])} | "
+                     f"{_fmt(f['recall_train'])} | {_fmt(f['kl'], 4)} | {_fmt(f['code_ppl'])} | "
+                     f"{_fmt(f['english_ppl'])} | {_fmt(f['mcq_acc'])} | {r['opt_state_bytes'] / 1e6:.0f} MB | "
                      f"{_fmt(r['step_s'], 2)} |")
-    lines += ["", f"MCQ: {ctx['mcq_n']} questions ({ctx['mcq_chance']:.2f} is chance), so one question is "
-              f"{1 / ctx['mcq_n']:.3f} of accuracy.", "",
-              "![importance](importance/importance_metrics.png)", "", "![removal drops](importance/importance_drops.png)", "",
-              "![loss](loss.png)", "", "![domain vs forgetting](domain_vs_forgetting.png)", ""]
-    if ctx.get("tradeoff"):
-        lines += ["![trade-off curves](tradeoff.png)", ""]
+    lines += ["", f"Recall: multiple choice over {ctx['probe_n']} questions a split about fictional people "
+              f"({ctx['probe_chance']:.2f} is chance; one question is {1 / ctx['probe_n']:.3f}); the held-out people's "
+              f"facts are only in their biographies, the training split's also in question-answer text. KL: "
+              f"KL(base || tuned) per token of general English, nats. MCQ: {ctx['mcq_n']} general questions "
+              f"({ctx['mcq_chance']:.2f} is chance).", "",
+              "![recall and KL during training](curves.png)", "",
+              "![recall vs forgetting](domain_vs_forgetting.png)", "", "![loss](loss.png)", "",
+              "![importance](importance/importance_metrics.png)", "", "![removal drops](importance/importance_drops.png)",
+              ""]
     lines += ["## Importance profile", "", ctx["importance_summary"], "",
               "## Data", "", ctx["data_summary"], "",
               "## Stage timings", "", "| stage | seconds |", "|---|---|"]
@@ -328,7 +359,7 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
         model_dir = default_model_dir(wheel=wheel, gguf=gguf)
         params, cfg, tok = load_hf(model_dir, progress=False)
     L = len(params["layers"])
-    with timer("data (code corpus, English text, MCQ)"):
+    with timer("data (code corpus, probe facts, English text, MCQ)"):
         paths = build_data(out_dir)
         sets = make_evalsets(tok, paths, 256, eval_windows, None, mcq_limit)
     with timer("importance (angular distance, BI, removal sweep)"):
@@ -347,8 +378,7 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
 
     print(format_layer_map(lmap))
     with timer("evaluate base"):
-        base = evaluate(params, cfg, sets)
-    del params
+        base = evaluate(params, cfg, sets)  # the base params stay: KL is measured against them
     methods = [("slayer", plan, "masked")]
     if compare:
         methods += [("llama_pro", surgery.uniform(L, len(plan.expand_after)), "masked"),
@@ -357,7 +387,7 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
     for seed in range(first_seed, first_seed + seeds):
         for name, p, kind in methods:
             results.append(run_method(model_dir, out_dir, name, paths, steps, seed, p, kind, sets, cfg, timer,
-                                      curve=compare))
+                                      params, base))
     with timer("check export"):
         exported = load_hf(results[0]["export_dir"], progress=False)[0]
         same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
@@ -365,10 +395,10 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
         if not same:
             raise RuntimeError("exported model does not re-import to the trained weights")
     with timer("plots and report"):
-        plot_loss(results, out_dir / "loss.png", base)
-        plot_bars(base, results, out_dir / "domain_vs_forgetting.png")
-        if compare:
-            plot_tradeoff(base, results, out_dir / "tradeoff.png")
+        chance = float(np.mean([1 / len(r["choices"]) for r in sets["probe"]["heldout"]]))
+        plot_loss(results, out_dir / "loss.png")
+        plot_curves(results, out_dir / "curves.png", chance)
+        plot_tradeoff(results, out_dir / "domain_vs_forgetting.png")
         sh = profile["shape"]
         imp_summary = "; ".join(
             f"{k}: first-half mean {v['first_half_mean']:.4g} vs second-half {v['second_half_mean']:.4g} "
@@ -377,7 +407,10 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
         cm = paths["code_manifest"]
         data_summary = (f"Domain: {cm['files']['train']} train / {cm['files']['heldout']} held-out Python files from "
                         f"`{cm['source']}` ({cm['bytes']['train']:,} / {cm['bytes']['heldout']:,} bytes, deduplicated "
-                        f"by sha256, split by file hash). Forgetting: the shipped general-English passages "
+                        f"by sha256, split by file hash), mixed 1:{FACTS_WEIGHT:g} in rows with the probe's training "
+                        f"text (`{paths['facts_train']}`: biographies of {PROBE_PEOPLE} fictional people, seed "
+                        f"{PROBE_SEED}, and question-answer text about the first half; `slayer data probe`). "
+                        f"Forgetting: the shipped general-English passages "
                         f"(`slayer_jax/data_samples/english_text.jsonl`, written for this project). MCQ: "
                         f"`general_mcq.jsonl` ({len(questions)} questions). Evaluation windows: 256 tokens, "
                         f"{sets['code'].n_text} code windows, {sets['english'].n_text} English windows.")
@@ -386,17 +419,16 @@ def run_demo(out: str = "slayer_demo", steps: int | None = None, compare: bool =
                "plan": plan, "plan_reasoning": why, "steps": steps, "tokens_per_step": 4 * 256,
                "mcq_n": sets["mcq"].describe().get("mcq_questions", len(questions)), "mcq_chance": float(np.mean([1 / len(q.choices) for q in questions])),
                "importance_summary": imp_summary, "data_summary": data_summary, "timings": timer.stages,
-               "tradeoff": compare}
+               "probe_n": len(sets["probe"]["heldout"]), "probe_chance": chance}
         report = write_report(out_dir, ctx)
         summary = {k: v for k, v in ctx.items() if k not in ("results", "plan")}
         summary["plan"] = plan.to_json()
         summary["results"] = [{k: v for k, v in r.items() if k != "params"} for r in results]
         (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(f"\nbase: code ppl {base['code_ppl']:.3f}, English ppl {base['english_ppl']:.3f}, MCQ {base['mcq_acc']:.3f}")
-    for r in results:
-        f = r["final"]
-        print(f"{r['name']} seed {r['seed']}: code ppl {f['code_ppl']:.3f}, English ppl {f['english_ppl']:.3f}, "
-              f"MCQ {f['mcq_acc']:.3f}, trainable {r['trainable']:,}")
+    for name, f in [("base", base)] + [(f"{r['name']} seed {r['seed']}", r["final"]) for r in results]:
+        print(f"{name}: recall held-out {f['recall_heldout']:.3f} / train split {f['recall_train']:.3f}, "
+              f"KL {f['kl']:.4f}, code ppl {f['code_ppl']:.3f}, English ppl {f['english_ppl']:.3f}, "
+              f"MCQ {f['mcq_acc']:.3f}")
     print(f"report: {report}")
     for k, v in timer.stages.items():
         print(f"  {k}: {v:.1f}s")
