@@ -20,7 +20,7 @@ Levers of the S strategy (``--levers``): ``lr_mult5`` (new blocks at 5x the rate
 (the refreshed last layer, one deep layer pruned), ``blocks3`` (3 new blocks instead of 7).
 
     python bench/frontier.py --out /tmp/frontier --people 12 --steps 40 --seeds 0 \\
-        [--methods slayer,llama_pro,full,lora] [--lrs-slayer 1e-3,5e-3] [--levers lr_mult5,refresh]
+        [--methods slayer,llama_pro,full,lora] [--lrs-slayer 1e-3,5e-3] [--levers lr_mult5,refresh] [--quick]
 
 Writes OUT/results.json (one record per run), OUT/results.md (mean +- sd over seeds) and
 OUT/frontier.png (held-out recall against KL, one line per method over its learning rates).
@@ -81,9 +81,15 @@ def last_loss(run_dir: Path) -> float | None:
 
 
 def evaluate_model(export: Path, out: Path, base_loaded, a) -> dict:
-    from slayer_jax.evaluation import evaluate
+    from slayer_jax.evaluation import evaluate, forgetting, probe
     from slayer_jax.io import load_any
 
+    if a.quick:  # the demo's measures: probe multiple choice (both splits) and KL; no generation, no large MCQ
+        params, cfg, tok = loaded = load_any(str(export))
+        data = probe.load_probe(out / "probe")
+        acc = {k: probe.probe_mcq(params, cfg, tok, data[k])[0]["acc"] for k in ("heldout", "train_questions")}
+        return {"heldout_mcq": acc["heldout"], "heldout_em": None, "train_mcq": acc["train_questions"],
+                "train_em": None, "kl": forgetting.eval_kl(base_loaded, loaded)["kl"], "general_mcq": None}
     res = evaluate.run_eval(str(export), ["probe", "kl", "mcq"], loaded=load_any(str(export)),
                             base_loaded=base_loaded, base=a.model, probe=str(out / "probe"), mcq="large",
                             batch_size=8)
@@ -154,6 +160,9 @@ def main(argv=None) -> int:
         ap.add_argument(f"--lrs-{m.replace('_', '-')}", default=lrs)
     ap.add_argument("--lrs-levers", default="1e-3")
     ap.add_argument("--report-only", action="store_true", help="write results.md and frontier.png from results.json")
+    ap.add_argument("--quick", action="store_true",
+                    help="evaluate by probe multiple choice and KL only (no exact match, no 463-question MCQ): "
+                         "about a minute a model on a CPU instead of many")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
