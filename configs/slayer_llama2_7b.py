@@ -15,7 +15,8 @@
 
     slayer plan  --config configs/slayer_llama2_7b.py --mesh data=1,fsdp=4,tensor=1 --device v5p-8
     # v5e (16 GiB a chip): keep the compiler's collective matmuls from allocating every layer's
-    # outputs ahead (fits a v5litepod-8; 61.6% headroom on a v5litepod-16; bench/RESULTS.md)
+    # outputs ahead (the TPU compiler's estimate: fits a v5litepod-8; 61.6% headroom on a v5litepod-16;
+    # bench/RESULTS.md)
     slayer plan  --config configs/slayer_llama2_7b.py --device v5litepod-16 \\
                  --config.libtpu_flags=--xla_tpu_enable_windowed_einsum_for_all_gather=false
     slayer data prepare /data/proof-pile-2 --tokenizer /path/to/Llama-2-7b-hf --seq-len 4096 --out gs://b/pp2

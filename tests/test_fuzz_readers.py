@@ -1058,7 +1058,7 @@ def test_humaneval_file_any_lines(lines, gz):
 @given(which=st.sampled_from(["heldout.jsonl", "train_questions.jsonl", "probe.json"]), content=bad_bytes()
        | json_values.map(lambda v: json_text(v).encode()))
 @example(which="probe.json", content=DEEP.encode())
-def test_probe_folder_any_file(tmp_path_factory, which, content):
+def test_probe_folder_any_file(which, content):
     from slayer_jax.evaluation.probe import load_probe, make_task, write_task
 
     with scratch() as d:
