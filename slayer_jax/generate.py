@@ -2,7 +2,7 @@
 
 Layout (shape suffixes as in :mod:`slayer_jax.modeling.model`; S is the cache length)::
 
-    prompts ──left-pad to T (prompt bucket)──▶ prefill ──▶ cache per layer: k [B*K, S, Dh], v [B*K, Dh, S]
+    prompts ──left-pad to T (prompt bucket)──▶ prefill ──▶ cache per layer: k [B*K, Dh, S], v [B*K, S, Dh]
                                                   │            token buffer [B, S]
                                                   ▼
                           decode_chunk: lax.while_loop, one token per iteration,
@@ -10,10 +10,10 @@ Layout (shape suffixes as in :mod:`slayer_jax.modeling.model`; S is the cache le
 
 - The cache holds K (kv) heads, not H: GQA shares it between the G = H // K query heads of
   a group, exactly as :func:`slayer_jax.modeling.model.dot_product_attention` does. k is stored
-  [B*K, S, Dh] and v [B*K, Dh, S]: the operand layouts XLA uses for the two attention matmuls,
-  fed to them with no reshape, so no step copies or transposes the cache (see
-  :func:`cached_attention`; a [B, S, K, Dh] cache was transposed whole for every layer and token,
-  half the decode time at S = 1024).
+  [B*K, Dh, S] and v [B*K, S, Dh]: each attention matmul contracts the cache's middle axis, fed
+  with no reshape, so no step copies or transposes the cache (see :func:`cached_attention`; a
+  [B, S, K, Dh] cache was transposed whole for every layer and token, half the decode time at
+  S = 1024).
 - Prompts are left-padded so that every row's next token sits in the same cache column; row
   ``b`` has ``pad[b]`` padding columns, its token in column ``c`` has RoPE position
   ``c - pad[b]`` and attends to columns ``pad[b] .. c`` (and, for Mistral, only the last
@@ -79,34 +79,36 @@ MAX_STOP_IDS = 8  # stop-token slots in the compiled loop (a traced array, padde
 
 
 # ----------------------------------------------------------------------------- the KV cache
-def cached_attention(q_BxTxHxDh, k_NxSxDh, v_NxDhxS, mask_BxTxS, dtype) -> jax.Array:
+def cached_attention(q_BxTxHxDh, k_NxDhxS, v_NxSxDh, mask_BxTxS, dtype) -> jax.Array:
     """The "decode" mode's attention: :func:`slayer_jax.modeling.model.dot_product_attention` over one layer's
     cache, N = B * K rows.
 
-    k is [B*K, S, Dh] and v [B*K, Dh, S]: with one query token (times G heads) the cache is the
-    large operand of both matmuls and these are the layouts XLA reads without a transpose; and
-    being 3-D they feed the matmuls directly, with no reshape between the cache update and its
-    read (a reshape there made XLA fuse a second copy of the update into the matmul's operand
-    and copy every layer's cache on every token).
+    k is [B*K, Dh, S] and v [B*K, S, Dh]: with one query token (times G heads) the cache is the
+    large operand of both matmuls, and both contract its middle axis, the orientation XLA:CPU's
+    (YNNPACK) batched matmul runs about 3x faster than [B*K, S, Dh] for k and [B*K, Dh, S] for v
+    (0.06 against 0.17-0.20 ms a layer at B = 8, S = 256; bench/RESULTS.md); and being 3-D they
+    feed the matmuls directly, with no reshape between the cache update and its read (a reshape
+    there made XLA fuse a second copy of the update into the matmul's operand and copy every
+    layer's cache on every token).
     """
     B, T, H, Dh = q_BxTxHxDh.shape
-    N = k_NxSxDh.shape[0]
+    N = k_NxDhxS.shape[0]
     K = N // B
     G = H // K
     q = q_BxTxHxDh.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(N, G * T, Dh)
-    scores = jax.lax.dot_general(q, k_NxSxDh, (((2,), (2,)), ((0,), (0,))),
+    scores = jax.lax.dot_general(q, k_NxDhxS, (((2,), (1,)), ((0,), (0,))),
                                  preferred_element_type=jnp.float32)  # [N, G*T, S]
     scores = scores.reshape(B, K, G, T, -1) * (1.0 / np.sqrt(Dh))
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(N, G * T, -1)
-    out = jax.lax.dot_general(probs, v_NxDhxS, (((2,), (2,)), ((0,), (0,))))  # [N, G*T, Dh]
+    out = jax.lax.dot_general(probs, v_NxSxDh, (((2,), (1,)), ((0,), (0,))))  # [N, G*T, Dh]
     return out.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)
 
 
 def cache_attention(mode: str, mask_BxTxS, write_col, dtype):
     """The "prefill" / "decode" mode's attend for :func:`slayer_jax.modeling.model.block`, over one layer's cache.
 
-    The cache of one layer is ``kv`` = (k [B*K, S, Dh], v [B*K, Dh, S]) (K kv heads: GQA shares
+    The cache of one layer is ``kv`` = (k [B*K, Dh, S], v [B*K, S, Dh]) (K kv heads: GQA shares
     them between the query heads of a group). The block's new k and v (T tokens) are written at
     column ``write_col``; then "prefill" attends the T new tokens among themselves (the prompt is
     the whole context) and "decode" attends to all S columns (:func:`cached_attention`).
@@ -118,10 +120,10 @@ def cache_attention(mode: str, mask_BxTxS, write_col, dtype):
         B, T, K, Dh = k_BxTxKxDh.shape
         cache_k, cache_v = kv
         zero, col = jnp.zeros((), jnp.int32), jnp.asarray(write_col, jnp.int32)
-        k_new = k_BxTxKxDh.transpose(0, 2, 1, 3).reshape(B * K, T, Dh)
-        v_new = v_BxTxKxDh.transpose(0, 2, 3, 1).reshape(B * K, Dh, T)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k_new.astype(cache_k.dtype), (zero, col, zero))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v_new.astype(cache_v.dtype), (zero, zero, col))
+        k_new = k_BxTxKxDh.transpose(0, 2, 3, 1).reshape(B * K, Dh, T)
+        v_new = v_BxTxKxDh.transpose(0, 2, 1, 3).reshape(B * K, T, Dh)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k_new.astype(cache_k.dtype), (zero, zero, col))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v_new.astype(cache_v.dtype), (zero, col, zero))
         if mode == "prefill":
             attn = dot_product_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask_BxTxS, dtype)
         else:
@@ -131,9 +133,9 @@ def cache_attention(mode: str, mask_BxTxS, write_col, dtype):
 
 
 def init_cache(cfg: ModelConfig, n_layers: int, batch: int, length: int, dtype: Any = jnp.float32):
-    """Zeroed cache: a list with one (k [B*K, S, Dh], v [B*K, Dh, S]) pair per layer."""
+    """Zeroed cache: a list with one (k [B*K, Dh, S], v [B*K, S, Dh]) pair per layer."""
     N, Dh = batch * cfg.num_key_value_heads, cfg.head_dim
-    return [(jnp.zeros((N, length, Dh), dtype), jnp.zeros((N, Dh, length), dtype))
+    return [(jnp.zeros((N, Dh, length), dtype), jnp.zeros((N, length, Dh), dtype))
             for _ in range(n_layers)]
 
 
@@ -247,7 +249,7 @@ def prefill(params: Params, weights: DecodeWeights, tokens_BxT, pad_B, active_B,
     """
     TRACES["prefill"] += 1
     B, T = tokens_BxT.shape
-    S = cache[0][0].shape[1]
+    S = cache[0][1].shape[1]  # v [B*K, S, Dh]
     cols = jnp.arange(T, dtype=jnp.int32)
     pos = _row_positions(cols, pad_B)
     seg = (cols[None, :] >= pad_B[:, None]).astype(jnp.int32)  # 0 = left padding (sees only padding)

@@ -57,7 +57,7 @@ Where it is used: ``model.forward`` (training, evaluation), through :func:`model
 with the ``attention=`` backend. In :mod:`slayer_jax.generate`, prefill and decode
 (:func:`generate.cache_attention`) still call ``model.dot_product_attention`` (= :func:`xla_attention`):
 prefill's left padding gives every padding token position 0 (not increasing), and decode attends
-one query to a [B*K, S, Dh] cache whose layout the kernels do not take; a decode step is a
+one query to a [B*K, Dh, S] / [B*K, S, Dh] cache whose layout the kernels do not take; a decode step is a
 matrix-vector product with O(S) scores, so the flash kernels would save nothing there.
 """
 
