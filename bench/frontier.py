@@ -116,6 +116,41 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def means(results: list[dict]) -> dict[tuple, tuple[float, float, int]]:
+    """(method, lr) -> (mean held-out recall, mean KL, seeds)."""
+    import numpy as np
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    return {k: (float(np.mean([r["heldout_mcq"] for r in rs])), float(np.mean([r["kl"] for r in rs])), len(rs))
+            for k, rs in groups.items()}
+
+
+def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
+    """The issue's moonshot, checked: each S-strategy point (any lever) against full fine-tuning's frontier,
+    its KL interpolated linearly at the same held-out recall between full fine-tuning's learning rates."""
+    import numpy as np
+
+    pts = means(results)
+    full = sorted((rec, kl) for (m, _), (rec, kl, _n) in pts.items() if m == "full")
+    lines = [f"Moonshot check (held-out recall >= {recall_bar}, and less KL than full fine-tuning at that recall; "
+             f"full fine-tuning's KL interpolated between its learning rates, means over seeds):"]
+    for (m, lr), (rec, kl, n) in sorted(pts.items(), key=lambda kv: -kv[1][0]):
+        if not m.startswith("slayer"):
+            continue
+        if len(full) < 2 or not full[0][0] <= rec <= full[-1][0]:
+            verdict = "outside full fine-tuning's measured recall range: no comparison"
+        else:
+            full_kl = float(np.interp(rec, [f[0] for f in full], [f[1] for f in full]))
+            verdict = f"full fine-tuning at that recall: KL {full_kl:.3f} -> S strategy " + (
+                "forgets less" if kl < full_kl else "forgets more")
+        met = rec >= recall_bar and verdict.endswith("forgets less")
+        lines.append(f"- {m} at {lr:g} ({n} seeds): recall {rec:.3f}, KL {kl:.3f}; {verdict}"
+                     + (" (**moonshot met**)" if met else ""))
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -127,11 +162,13 @@ def plot(results: list[dict], path: Path) -> None:
     by_method: dict[str, dict[float, list[dict]]] = {}
     for r in results:
         by_method.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
-    for m, lrs in by_method.items():
-        pts = sorted((float(np.mean([r["kl"] for r in rs])), float(np.mean([r["heldout_mcq"] for r in rs])), lr)
+    for m, lrs in by_method.items():  # means over seeds, bars one standard deviation
+        pts = sorted((float(np.mean([r["kl"] for r in rs])), float(np.mean([r["heldout_mcq"] for r in rs])), lr,
+                      float(np.std([r["kl"] for r in rs])), float(np.std([r["heldout_mcq"] for r in rs])))
                      for lr, rs in lrs.items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
-        for x, y, lr in pts:
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[3] for p in pts], yerr=[p[4] for p in pts],
+                    fmt="o-", capsize=2, label=m)
+        for x, y, lr, *_ in pts:
             ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     base = [r for r in results if r["method"] == "base"]
     if base:
@@ -214,9 +251,9 @@ def main(argv=None) -> int:
 def report(results: list[dict], out: Path, a) -> int:
     (out / "results.md").write_text(
         f"# Recall against forgetting: {a.people} people, {a.steps} steps x {a.batch_size} x {a.seq_len} tokens\n\n"
-        + summarize(results) + "\n")
+        + summarize(results) + "\n\n" + moonshot(results) + "\n")
     plot(results, out / "frontier.png")
-    print(summarize(results))
+    print(summarize(results) + "\n\n" + moonshot(results))
     return 0
 
 
