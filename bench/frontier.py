@@ -99,6 +99,24 @@ def evaluate_model(export: Path, out: Path, base_loaded, a) -> dict:
             "kl": t["kl"]["kl"], "general_mcq": t["mcq"]["acc"]}
 
 
+def fill_general(results: list[dict], res_path: Path, out: Path, seeds: set[int], a) -> int:
+    """The 463-question general MCQ for every recorded run of ``seeds`` without it; results.json rewritten after each."""
+    from slayer_jax.evaluation import evaluate
+    from slayer_jax.io import load_any
+
+    for r in results:
+        if r["seed"] not in seeds or r.get("general_mcq") is not None:
+            continue
+        model = a.model if r["method"] == "base" else str(out / "runs" / f"{r['method']}_lr{r['lr']:g}_s{r['seed']}" / "hf")
+        params, cfg, tok = load_any(model)
+        r["general_mcq"] = evaluate.eval_mcq(params, cfg, tok, "large")["acc"]
+        tmp = res_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(res_path)
+        log(f"{r['method']} lr {r['lr']:g} seed {r['seed']}: general MCQ {r['general_mcq']:.3f}")
+    return report(results, out, a)
+
+
 def summarize(results: list[dict]) -> str:
     import numpy as np
 
@@ -197,6 +215,9 @@ def main(argv=None) -> int:
         ap.add_argument(f"--lrs-{m.replace('_', '-')}", default=lrs)
     ap.add_argument("--lrs-levers", default="1e-3")
     ap.add_argument("--report-only", action="store_true", help="write results.md and frontier.png from results.json")
+    ap.add_argument("--fill-general", default="", metavar="SEEDS",
+                    help="add the 463-question general MCQ to the recorded runs of these seeds that lack it "
+                         "(a --quick study's second axis of forgetting), then report")
     ap.add_argument("--quick", action="store_true",
                     help="evaluate by probe multiple choice and KL only (no exact match, no 463-question MCQ): "
                          "about a minute a model on a CPU instead of many")
@@ -213,6 +234,8 @@ def main(argv=None) -> int:
         probe.write_task(probe.make_task(a.people, a.probe_seed), out / "probe")
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else []
+    if a.fill_general:
+        return fill_general(results, res_path, out, {int(s) for s in a.fill_general.split(",")}, a)
     done = {(r["method"], r["lr"], r["seed"]) for r in results}
 
     def save():
