@@ -170,31 +170,43 @@ def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Held-out recall against KL (and, where measured, against general MCQ accuracy): one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    axes_x = [("kl", "forgetting: KL(base || tuned) per token, English text")]
+    if any(r.get("general_mcq") is not None for r in results if r["method"] != "base"):
+        axes_x.append(("general_mcq", "general MCQ accuracy, 463 questions (lower: more forgetting)"))
+    fig, axs = plt.subplots(1, len(axes_x), figsize=(6.4 * len(axes_x), 4.6), squeeze=False)
     by_method: dict[str, dict[float, list[dict]]] = {}
     for r in results:
         by_method.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
-    for m, lrs in by_method.items():  # means over seeds, bars one standard deviation
-        pts = sorted((float(np.mean([r["kl"] for r in rs])), float(np.mean([r["heldout_mcq"] for r in rs])), lr,
-                      float(np.std([r["kl"] for r in rs])), float(np.std([r["heldout_mcq"] for r in rs])))
-                     for lr, rs in lrs.items())
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[3] for p in pts], yerr=[p[4] for p in pts],
-                    fmt="o-", capsize=2, label=m)
-        for x, y, lr, *_ in pts:
-            ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    base = [r for r in results if r["method"] == "base"]
-    if base:
-        ax.axhline(base[0]["heldout_mcq"], color="grey", ls=":", label="base model")
-    ax.set_xlabel("forgetting: KL(base || tuned) per token, English text")
-    ax.set_ylabel("recall: held-out probe MCQ accuracy")
-    ax.set_title("Recall against forgetting, equal tokens (labels: peak LR)")
-    ax.legend(fontsize=8)
+    color = {m: f"C{i}" for i, m in enumerate(by_method)}  # one colour per method in both panels
+    for ax, (xk, xlabel) in zip(axs[0], axes_x):
+        for m, lrs in by_method.items():  # means over seeds, bars one standard deviation
+            pts = []
+            for lr, rs in lrs.items():
+                rs = [r for r in rs if r.get(xk) is not None]
+                if rs:
+                    xs, ys = [r[xk] for r in rs], [r["heldout_mcq"] for r in rs]
+                    pts.append((float(np.mean(xs)), float(np.mean(ys)), lr, float(np.std(xs)), float(np.std(ys))))
+            if not pts:
+                continue
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[3] for p in pts],
+                        yerr=[p[4] for p in pts], fmt="o-", capsize=2, color=color[m], label=m)
+            for x, y, lr, *_ in pts:
+                ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        base = [r for r in results if r["method"] == "base"]
+        if base:
+            ax.axhline(base[0]["heldout_mcq"], color="grey", ls=":", label="base model")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("recall: held-out probe MCQ accuracy")
+        ax.legend(fontsize=8)
+    fig.suptitle("Recall against forgetting, equal tokens (labels: peak LR; bars: sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
