@@ -22,8 +22,13 @@ Levers of the S strategy (``--levers``): ``lr_mult5`` (new blocks at 5x the rate
     python bench/frontier.py --out /tmp/frontier --people 12 --steps 40 --seeds 0 \\
         [--methods slayer,llama_pro,full,lora] [--lrs-slayer 1e-3,5e-3] [--levers lr_mult5,refresh] [--quick]
 
-Writes OUT/results.json (one record per run), OUT/results.md (mean +- sd over seeds) and
-OUT/frontier.png (held-out recall against KL, one line per method over its learning rates).
+``--quick`` evaluates by the probe's multiple choice and KL only (about a minute a model on a CPU);
+``--fill-general SEEDS`` later adds the 463-question general MCQ to the recorded runs of SEEDS.
+
+Writes OUT/results.json (one record per run), OUT/results.md (mean +- sd over seeds, and the
+moonshot checked: each S-strategy point against full fine-tuning's KL interpolated at the same
+recall) and OUT/frontier.png (held-out recall against KL, and against general MCQ accuracy where
+measured; one line per method over its learning rates, bars one sd over seeds).
 Runs already in results.json are skipped, so an interrupted study continues where it stopped.
 """
 
