@@ -104,20 +104,40 @@ def evaluate_model(export: Path, out: Path, base_loaded, a) -> dict:
             "kl": t["kl"]["kl"], "general_mcq": t["mcq"]["acc"]}
 
 
+def run_name(method: str, lr: float, seed: int) -> str:
+    """A run's folder under OUT/runs."""
+    return f"{method}_lr{lr:g}_s{seed}"
+
+
+def write_results(res_path: Path, results: list[dict]) -> None:
+    """results.json rewritten atomically (temporary file, then rename)."""
+    tmp = res_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(res_path)
+
+
+def by_point(results: list[dict]) -> dict[tuple, list[dict]]:
+    """(method, lr) -> its runs, one per seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    return groups
+
+
 def fill_general(results: list[dict], res_path: Path, out: Path, seeds: set[int], a) -> int:
-    """The 463-question general MCQ for every recorded run of ``seeds`` without it; results.json rewritten after each."""
+    """The 463-question general MCQ for every recorded run of ``seeds`` without it; results.json
+    rewritten after each."""
     from slayer_jax.evaluation import evaluate
     from slayer_jax.io import load_any
 
     for r in results:
         if r["seed"] not in seeds or r.get("general_mcq") is not None:
             continue
-        model = a.model if r["method"] == "base" else str(out / "runs" / f"{r['method']}_lr{r['lr']:g}_s{r['seed']}" / "hf")
+        run = out / "runs" / run_name(r["method"], r["lr"], r["seed"])
+        model = a.model if r["method"] == "base" else str(run / "hf")
         params, cfg, tok = load_any(model)
         r["general_mcq"] = evaluate.eval_mcq(params, cfg, tok, "large")["acc"]
-        tmp = res_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(res_path)
+        write_results(res_path, results)
         log(f"{r['method']} lr {r['lr']:g} seed {r['seed']}: general MCQ {r['general_mcq']:.3f}")
     return report(results, out, a)
 
@@ -126,9 +146,7 @@ def summarize(results: list[dict]) -> str:
     import numpy as np
 
     keys = ("heldout_mcq", "heldout_em", "train_mcq", "train_em", "kl", "general_mcq", "last_loss")
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    groups = by_point(results)
     rows = ["| method | peak LR | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
     for (m, lr), rs in groups.items():
         cells = []
@@ -143,11 +161,8 @@ def means(results: list[dict]) -> dict[tuple, tuple[float, float, int]]:
     """(method, lr) -> (mean held-out recall, mean KL, seeds)."""
     import numpy as np
 
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["method"], r["lr"]), []).append(r)
     return {k: (float(np.mean([r["heldout_mcq"] for r in rs])), float(np.mean([r["kl"] for r in rs])), len(rs))
-            for k, rs in groups.items()}
+            for k, rs in by_point(results).items()}
 
 
 def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
@@ -162,13 +177,15 @@ def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
     for (m, lr), (rec, kl, n) in sorted(pts.items(), key=lambda kv: -kv[1][0]):
         if not m.startswith("slayer"):
             continue
+        less = False
         if len(full) < 2 or not full[0][0] <= rec <= full[-1][0]:
             verdict = "outside full fine-tuning's measured recall range: no comparison"
         else:
             full_kl = float(np.interp(rec, [f[0] for f in full], [f[1] for f in full]))
-            verdict = f"full fine-tuning at that recall: KL {full_kl:.3f} -> S strategy " + (
-                "forgets less" if kl < full_kl else "forgets more")
-        met = rec >= recall_bar and verdict.endswith("forgets less")
+            less = kl < full_kl
+            verdict = (f"full fine-tuning at that recall: KL {full_kl:.3f} -> S strategy forgets "
+                       + ("less" if less else "more"))
+        met = rec >= recall_bar and less
         lines.append(f"- {m} at {lr:g} ({n} seeds): recall {rec:.3f}, KL {kl:.3f}; {verdict}"
                      + (" (**moonshot met**)" if met else ""))
     return "\n".join(lines)
@@ -255,16 +272,11 @@ def main(argv=None) -> int:
         return fill_general(results, res_path, out, {int(s) for s in a.fill_general.split(",")}, a)
     done = {(r["method"], r["lr"], r["seed"]) for r in results}
 
-    def save():
-        tmp = res_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(res_path)
-
     base_loaded = load_any(a.model)
     if ("base", 0.0, 0) not in done:
         results.append({"method": "base", "lr": 0.0, "seed": 0, "last_loss": None,
                         **evaluate_model(Path(a.model), out, base_loaded, a)})
-        save()
+        write_results(res_path, results)
         log(f"base: {results[-1]}")
     runs = []  # every method's first learning rate first, so a cut-short study still compares methods
     for m in filter(None, a.methods.split(",")):
@@ -278,12 +290,12 @@ def main(argv=None) -> int:
         for m, lr, ov in runs:
             if (m, lr, seed) in done:
                 continue
-            name = f"{m}_lr{lr:g}_s{seed}"
+            name = run_name(m, lr, seed)
             export = train(out, name, [*ov, f"optim.peak_lr={lr}", f"seed={seed}"], a)
             rec = {"method": m, "lr": lr, "seed": seed, "last_loss": last_loss(out / "runs" / name),
                    **evaluate_model(export, out, base_loaded, a)}
             results.append(rec)
-            save()
+            write_results(res_path, results)
             log(f"{name}: {rec}")
     return report(results, out, a)
 
