@@ -17,7 +17,11 @@ Methods (``--methods``): ``slayer`` (S strategy: 7 averaged identity blocks over
 as configs/smollm2_slayer.py), ``llama_pro`` (7 copied blocks spread uniformly), ``full`` (full
 fine-tuning), ``lora`` (rank 8 on every projection); each at the learning rates ``--lrs-METHOD``.
 Levers of the S strategy (``--levers``): ``lr_mult5`` (new blocks at 5x the rate), ``refresh``
-(the refreshed last layer, one deep layer pruned), ``blocks3`` (3 new blocks instead of 7).
+(the refreshed last layer, one deep layer pruned), ``blocks3`` (3 new blocks instead of 7),
+``importance`` (7 blocks placed by the measured importance profile: ``slayer importance --sweeps
+removal`` on the shipped sample text, its recommended plan for the first half, written once to
+OUT/importance/). ``--steps`` takes a list: every method runs at each length, so each point of a
+study is at equal tokens with the others of its length.
 
     python bench/frontier.py --out /tmp/frontier --people 12 --steps 40 --seeds 0 \\
         [--methods slayer,llama_pro,full,lora] [--lrs-slayer 1e-3,5e-3] [--levers lr_mult5,refresh] [--quick]
@@ -54,6 +58,7 @@ LEVERS = {  # the S strategy with one lever turned
     "lr_mult5": ["plan.kind=shallow", "plan.expand=7", "optim.lr_mult.inserted=5.0"],
     "refresh": ["plan.kind=shallow", "plan.expand=7", "plan.prune=1", "plan.refresh_last=True"],
     "blocks3": ["plan.kind=shallow", "plan.expand=3"],
+    "importance": ["plan.kind=file", "plan.file={out}/importance/recommended_plan.json"],
 }
 DEFAULT_LRS = {"slayer": "1e-3,5e-3", "llama_pro": "1e-3,5e-3", "full": "1e-4,5e-4", "lora": "1e-3,5e-3"}
 
@@ -62,10 +67,10 @@ def log(msg: str) -> None:
     print(f"[frontier {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train(out: Path, name: str, overrides: list[str], a) -> Path:
+def train(out: Path, name: str, steps: int, overrides: list[str], a) -> Path:
     """One `slayer train` run; its HF export."""
     run_dir = out / "runs" / name
-    args = [f"model={a.model}", f"workdir={run_dir}", f"export_dir={run_dir / 'hf'}", f"steps={a.steps}",
+    args = [f"model={a.model}", f"workdir={run_dir}", f"export_dir={run_dir / 'hf'}", f"steps={steps}",
             f"batch_size={a.batch_size}", f"data.seq_len={a.seq_len}", f"data.source={out / 'probe' / 'train.jsonl'}",
             "epochs=0", "num_devices=1", "log_every=5", "eval_every=100000", "checkpoint.every=100000",
             "checkpoint.async_save=False", "optim.weight_decay=0.0", *overrides]
@@ -78,6 +83,19 @@ def train(out: Path, name: str, overrides: list[str], a) -> Path:
         raise RuntimeError(f"{name}: slayer train failed:\n{p.stderr[-3000:]}")
     log(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
     return run_dir / "hf"
+
+
+def importance_plan(out: Path, a) -> None:
+    """The importance lever's placement: `slayer importance` (removal sweep on the shipped sample text)
+    and its recommended plan of 7 blocks in the first half, no pruning; measured once per study."""
+    if (out / "importance" / "recommended_plan.json").exists():
+        return
+    cmd = [sys.executable, "-m", "slayer_jax.cli", "importance", a.model, "--sweeps", "removal", "--plan-expand", "7",
+           "--plan-prune", "0", "--plan-region", "first_half", "--out", str(out / "importance"), "--no-progress"]
+    p = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"slayer importance failed:\n{p.stderr[-3000:]}")
+    log("importance " + next(ln for ln in p.stdout.splitlines() if ln.startswith("plan:")))
 
 
 def last_loss(run_dir: Path) -> float | None:
@@ -104,9 +122,9 @@ def evaluate_model(export: Path, out: Path, base_loaded, a) -> dict:
             "kl": t["kl"]["kl"], "general_mcq": t["mcq"]["acc"]}
 
 
-def run_name(method: str, lr: float, seed: int) -> str:
+def run_name(method: str, lr: float, steps: int, seed: int) -> str:
     """A run's folder under OUT/runs."""
-    return f"{method}_lr{lr:g}_s{seed}"
+    return f"{method}_lr{lr:g}_st{steps}_s{seed}"
 
 
 def write_results(res_path: Path, results: list[dict]) -> None:
@@ -117,10 +135,10 @@ def write_results(res_path: Path, results: list[dict]) -> None:
 
 
 def by_point(results: list[dict]) -> dict[tuple, list[dict]]:
-    """(method, lr) -> its runs, one per seed."""
+    """(method, lr, steps) -> its runs, one per seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["method"], r["lr"]), []).append(r)
+        groups.setdefault((r["method"], r["lr"], r["steps"]), []).append(r)
     return groups
 
 
@@ -133,12 +151,12 @@ def fill_general(results: list[dict], res_path: Path, out: Path, seeds: set[int]
     for r in results:
         if r["seed"] not in seeds or r.get("general_mcq") is not None:
             continue
-        run = out / "runs" / run_name(r["method"], r["lr"], r["seed"])
+        run = out / "runs" / run_name(r["method"], r["lr"], r["steps"], r["seed"])
         model = a.model if r["method"] == "base" else str(run / "hf")
         params, cfg, tok = load_any(model)
         r["general_mcq"] = evaluate.eval_mcq(params, cfg, tok, "large")["acc"]
         write_results(res_path, results)
-        log(f"{r['method']} lr {r['lr']:g} seed {r['seed']}: general MCQ {r['general_mcq']:.3f}")
+        log(f"{r['method']} lr {r['lr']:g} steps {r['steps']} seed {r['seed']}: general MCQ {r['general_mcq']:.3f}")
     return report(results, out, a)
 
 
@@ -147,18 +165,18 @@ def summarize(results: list[dict]) -> str:
 
     keys = ("heldout_mcq", "heldout_em", "train_mcq", "train_em", "kl", "general_mcq", "last_loss")
     groups = by_point(results)
-    rows = ["| method | peak LR | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
-    for (m, lr), rs in groups.items():
+    rows = ["| method | peak LR | steps | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+    for (m, lr, steps), rs in groups.items():
         cells = []
         for k in keys:
             v = [r[k] for r in rs if r.get(k) is not None]
             cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else (f"{v[0]:.3f}" if v else "-"))
-        rows.append(f"| {m} | {lr:g} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
+        rows.append(f"| {m} | {lr:g} | {steps} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def means(results: list[dict]) -> dict[tuple, tuple[float, float, int]]:
-    """(method, lr) -> (mean held-out recall, mean KL, seeds)."""
+    """(method, lr, steps) -> (mean held-out recall, mean KL, seeds)."""
     import numpy as np
 
     return {k: (float(np.mean([r["heldout_mcq"] for r in rs])), float(np.mean([r["kl"] for r in rs])), len(rs))
@@ -167,14 +185,17 @@ def means(results: list[dict]) -> dict[tuple, tuple[float, float, int]]:
 
 def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
     """The issue's moonshot, checked: each S-strategy point (any lever) against full fine-tuning's frontier,
-    its KL interpolated linearly at the same held-out recall between full fine-tuning's learning rates."""
+    its KL interpolated linearly at the same held-out recall along full fine-tuning's frontier: its
+    undominated points (learning rates and lengths; none has both more recall and less KL) and the
+    base model as the point of learning rate zero."""
     import numpy as np
 
     pts = means(results)
-    full = sorted((rec, kl) for (m, _), (rec, kl, _n) in pts.items() if m == "full")
+    full = [(rec, kl) for (m, _lr, _st), (rec, kl, _n) in pts.items() if m in ("full", "base")]
+    full = sorted(p for p in full if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in full))
     lines = [f"Moonshot check (held-out recall >= {recall_bar}, and less KL than full fine-tuning at that recall; "
-             f"full fine-tuning's KL interpolated between its learning rates, means over seeds):"]
-    for (m, lr), (rec, kl, n) in sorted(pts.items(), key=lambda kv: -kv[1][0]):
+             f"full fine-tuning's KL interpolated along its frontier, from the base model; means over seeds):"]
+    for (m, lr, steps), (rec, kl, n) in sorted(pts.items(), key=lambda kv: -kv[1][0]):
         if not m.startswith("slayer"):
             continue
         less = False
@@ -186,7 +207,8 @@ def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
             verdict = (f"full fine-tuning at that recall: KL {full_kl:.3f} -> S strategy forgets "
                        + ("less" if less else "more"))
         met = rec >= recall_bar and less
-        lines.append(f"- {m} at {lr:g} ({n} seeds): recall {rec:.3f}, KL {kl:.3f}; {verdict}"
+        lines.append(f"- {m} at {lr:g}, {steps} steps ({n} seed{'s' if n > 1 else ''}): recall {rec:.3f}, "
+                     f"KL {kl:.3f}; {verdict}"
                      + (" (**moonshot met**)" if met else ""))
     return "\n".join(lines)
 
@@ -203,12 +225,14 @@ def plot(results: list[dict], path: Path) -> None:
     if any(r.get("general_mcq") is not None for r in results if r["method"] != "base"):
         axes_x.append(("general_mcq", "general MCQ accuracy, 463 questions (lower: more forgetting)"))
     fig, axs = plt.subplots(1, len(axes_x), figsize=(6.4 * len(axes_x), 4.6), squeeze=False)
-    by_method: dict[str, dict[float, list[dict]]] = {}
-    for r in results:
-        by_method.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
-    color = {m: f"C{i}" for i, m in enumerate(by_method)}  # one colour per method in both panels
+    curves: dict[tuple[str, int], dict[float, list[dict]]] = {}  # (method, steps) -> lr -> runs
+    for (m, lr, steps), rs in by_point(results).items():
+        curves.setdefault((m, steps), {})[lr] = rs
+    lengths = sorted({st for m, st in curves if m != "base"}, key=lambda st: -sum(1 for _m, s2 in curves if s2 == st))
+    color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _st in curves))}  # one per method
+    style = {0: "-"} | {st: ls for st, ls in zip(lengths, ["-", "--", ":", "-."] * 4)}  # commonest length solid
     for ax, (xk, xlabel) in zip(axs[0], axes_x):
-        for m, lrs in by_method.items():  # means over seeds, bars one standard deviation
+        for (m, steps), lrs in curves.items():  # means over seeds, bars one standard deviation
             pts = []
             for lr, rs in lrs.items():
                 rs = [r for r in rs if r.get(xk) is not None]
@@ -218,8 +242,9 @@ def plot(results: list[dict], path: Path) -> None:
             if not pts:
                 continue
             pts.sort()
+            label = m if len(lengths) == 1 or m == "base" else f"{m}, {steps} steps"
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[3] for p in pts],
-                        yerr=[p[4] for p in pts], fmt="o-", capsize=2, color=color[m], label=m)
+                        yerr=[p[4] for p in pts], fmt="o", ls=style[steps], capsize=2, color=color[m], label=label)
             for x, y, lr, *_ in pts:
                 ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         base = [r for r in results if r["method"] == "base"]
@@ -228,7 +253,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("recall: held-out probe MCQ accuracy")
         ax.legend(fontsize=8)
-    fig.suptitle("Recall against forgetting, equal tokens (labels: peak LR; bars: sd over seeds)")
+    fig.suptitle("Recall against forgetting, equal tokens per length (labels: peak LR; bars: sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -239,7 +264,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--people", type=int, default=12)
     ap.add_argument("--probe-seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", default="40", help="comma-separated run lengths; every method runs at each")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--seeds", default="0")
@@ -270,11 +295,11 @@ def main(argv=None) -> int:
     results = json.loads(res_path.read_text()) if res_path.exists() else []
     if a.fill_general:
         return fill_general(results, res_path, out, {int(s) for s in a.fill_general.split(",")}, a)
-    done = {(r["method"], r["lr"], r["seed"]) for r in results}
+    done = {(r["method"], r["lr"], r["steps"], r["seed"]) for r in results}
 
     base_loaded = load_any(a.model)
-    if ("base", 0.0, 0) not in done:
-        results.append({"method": "base", "lr": 0.0, "seed": 0, "last_loss": None,
+    if ("base", 0.0, 0, 0) not in done:
+        results.append({"method": "base", "lr": 0.0, "steps": 0, "seed": 0, "last_loss": None,
                         **evaluate_model(Path(a.model), out, base_loaded, a)})
         write_results(res_path, results)
         log(f"base: {results[-1]}")
@@ -285,14 +310,16 @@ def main(argv=None) -> int:
     runs = [r[1:] for r in sorted(runs, key=lambda r: r[0])]
     for lever in filter(None, a.levers.split(",")):
         for lr in a.lrs_levers.split(","):
-            runs.append((f"slayer+{lever}", float(lr), LEVERS[lever]))
-    for seed in [int(s) for s in a.seeds.split(",")]:
+            runs.append((f"slayer+{lever}", float(lr), [x.format(out=out) for x in LEVERS[lever]]))
+        if lever == "importance":
+            importance_plan(out, a)
+    for seed, steps in [(int(s), int(st)) for s in a.seeds.split(",") for st in a.steps.split(",")]:
         for m, lr, ov in runs:
-            if (m, lr, seed) in done:
+            if (m, lr, steps, seed) in done:
                 continue
-            name = run_name(m, lr, seed)
-            export = train(out, name, [*ov, f"optim.peak_lr={lr}", f"seed={seed}"], a)
-            rec = {"method": m, "lr": lr, "seed": seed, "last_loss": last_loss(out / "runs" / name),
+            name = run_name(m, lr, steps, seed)
+            export = train(out, name, steps, [*ov, f"optim.peak_lr={lr}", f"seed={seed}"], a)
+            rec = {"method": m, "lr": lr, "steps": steps, "seed": seed, "last_loss": last_loss(out / "runs" / name),
                    **evaluate_model(export, out, base_loaded, a)}
             results.append(rec)
             write_results(res_path, results)
@@ -302,7 +329,7 @@ def main(argv=None) -> int:
 
 def report(results: list[dict], out: Path, a) -> int:
     (out / "results.md").write_text(
-        f"# Recall against forgetting: {a.people} people, {a.steps} steps x {a.batch_size} x {a.seq_len} tokens\n\n"
+        f"# Recall against forgetting: {a.people} people; each run steps x {a.batch_size} x {a.seq_len} tokens\n\n"
         + summarize(results) + "\n\n" + moonshot(results) + "\n")
     plot(results, out / "frontier.png")
     print(summarize(results) + "\n\n" + moonshot(results))
