@@ -187,7 +187,8 @@ def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
     """The issue's moonshot, checked: each S-strategy point (any lever) against full fine-tuning's frontier,
     its KL interpolated linearly at the same held-out recall along full fine-tuning's frontier: its
     undominated points (learning rates and lengths; none has both more recall and less KL) and the
-    base model as the point of learning rate zero."""
+    base model as the point of learning rate zero. A point with more recall than any of full
+    fine-tuning's counts as forgetting less only when its KL is also below that highest-recall point's."""
     import numpy as np
 
     pts = means(results)
@@ -199,8 +200,12 @@ def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
         if not m.startswith("slayer"):
             continue
         less = False
-        if len(full) < 2 or not full[0][0] <= rec <= full[-1][0]:
+        if len(full) < 2 or rec < full[0][0]:
             verdict = "outside full fine-tuning's measured recall range: no comparison"
+        elif rec > full[-1][0]:  # the frontier's KL only rises with recall: its highest point bounds it below
+            less = kl < full[-1][1]
+            verdict = (f"beyond full fine-tuning's highest recall ({full[-1][0]:.3f} at KL {full[-1][1]:.3f}) -> "
+                       + ("S strategy has more recall and less KL" if less else "no comparison"))
         else:
             full_kl = float(np.interp(rec, [f[0] for f in full], [f[1] for f in full]))
             less = kl < full_kl

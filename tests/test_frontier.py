@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("frontier", Path(__file__).resolve().parents[1] / "bench" / "frontier.py")
+_spec = importlib.util.spec_from_file_location("frontier", Path(__file__).parents[1] / "bench" / "frontier.py")
 frontier = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(frontier)
 
@@ -43,8 +43,8 @@ def test_moonshot_interpolates_full_frontier(recall, kl, full_kl, less, met):
     assert ("moonshot met" in line) == met
 
 
-def test_outside_full_range_is_not_compared():
-    line = verdict_line([*FULL, rec("slayer+blocks3", 5e-3, 0.97, 0.1)], "slayer+blocks3")
+def test_below_the_base_model_is_not_compared():
+    line = verdict_line([*FULL, rec("slayer+blocks3", 5e-3, 0.05, 0.1)], "slayer+blocks3")
     assert "no comparison" in line and "moonshot met" not in line
 
 
@@ -55,3 +55,10 @@ def test_points_are_seed_means_per_lr_and_length():
     assert m[("slayer", 5e-3, 40)] == pytest.approx((0.95, 1.1, 2))
     assert m[("slayer", 5e-3, 80)] == pytest.approx((0.2, 0.1, 1))
     assert frontier.run_name("slayer+blocks3", 5e-3, 80, 2) == "slayer+blocks3_lr0.005_st80_s2"
+
+
+@pytest.mark.parametrize("kl,met", [(1.0, True), (1.5, False)])
+def test_beyond_full_recall_counts_only_when_it_dominates(kl, met):
+    line = verdict_line([*FULL, rec("slayer+blocks3", 7e-3, 0.98, kl)], "slayer+blocks3")
+    assert "beyond full fine-tuning's highest recall (0.950 at KL 1.400)" in line
+    assert ("more recall and less KL" in line) == met and ("moonshot met" in line) == met
