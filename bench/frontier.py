@@ -95,7 +95,8 @@ def importance_plan(out: Path, a) -> None:
     p = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"slayer importance failed:\n{p.stderr[-3000:]}")
-    log("importance " + next(ln for ln in p.stdout.splitlines() if ln.startswith("plan:")))
+    plan = json.loads((out / "importance" / "recommended_plan.json").read_text())
+    log(f"importance plan: new blocks after {plan['expand_after']}")
 
 
 def last_loss(run_dir: Path) -> float | None:
