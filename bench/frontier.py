@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,6 +83,7 @@ def train(out: Path, name: str, steps: int, overrides: list[str], a) -> Path:
     if p.returncode != 0:
         raise RuntimeError(f"{name}: slayer train failed:\n{p.stderr[-3000:]}")
     log(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the study keeps the export (full FT: 1.4 GB saved)
     return run_dir / "hf"
 
 
