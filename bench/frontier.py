@@ -186,6 +186,13 @@ def means(results: list[dict]) -> dict[tuple, tuple[float, float, int]]:
             for k, rs in by_point(results).items()}
 
 
+def full_frontier(pts: dict[tuple, tuple[float, float, int]]) -> list[tuple[float, float]]:
+    """Full fine-tuning's frontier as (recall, KL) points sorted by recall: its undominated mean points over
+    learning rates and lengths (none has both more recall and less KL), with the base model at learning rate 0."""
+    full = [(rec, kl) for (m, _lr, _st), (rec, kl, _n) in pts.items() if m in ("full", "base")]
+    return sorted(p for p in full if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in full))
+
+
 def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
     """The issue's moonshot, checked: each S-strategy point (any lever) against full fine-tuning's frontier,
     its KL interpolated linearly at the same held-out recall along full fine-tuning's frontier: its
@@ -195,8 +202,7 @@ def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
     import numpy as np
 
     pts = means(results)
-    full = [(rec, kl) for (m, _lr, _st), (rec, kl, _n) in pts.items() if m in ("full", "base")]
-    full = sorted(p for p in full if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in full))
+    full = full_frontier(pts)
     lines = [f"Moonshot check (held-out recall >= {recall_bar}, and less KL than full fine-tuning at that recall; "
              f"full fine-tuning's KL interpolated along its frontier, from the base model; means over seeds):"]
     for (m, lr, steps), (rec, kl, n) in sorted(pts.items(), key=lambda kv: -kv[1][0]):
@@ -222,47 +228,56 @@ def moonshot(results: list[dict], recall_bar: float = 0.9) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Held-out recall against KL (and, where measured, against general MCQ accuracy): one line per method."""
+    """Held-out recall against KL (and, where measured, against general MCQ accuracy): one colour per method,
+    one marker per run length, each (method, length) joined in order of learning rate; full fine-tuning's
+    frontier (the moonshot check's line) drawn under the KL panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.lines import Line2D
 
     axes_x = [("kl", "forgetting: KL(base || tuned) per token, English text")]
     if any(r.get("general_mcq") is not None for r in results if r["method"] != "base"):
         axes_x.append(("general_mcq", "general MCQ accuracy, 463 questions (lower: more forgetting)"))
-    fig, axs = plt.subplots(1, len(axes_x), figsize=(6.4 * len(axes_x), 4.6), squeeze=False)
+    fig, axs = plt.subplots(1, len(axes_x), figsize=(6.4 * len(axes_x), 5.4), squeeze=False)
     curves: dict[tuple[str, int], dict[float, list[dict]]] = {}  # (method, steps) -> lr -> runs
     for (m, lr, steps), rs in by_point(results).items():
         curves.setdefault((m, steps), {})[lr] = rs
     lengths = sorted({st for m, st in curves if m != "base"}, key=lambda st: -sum(1 for _m, s2 in curves if s2 == st))
     color = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _st in curves))}  # one per method
-    style = {0: "-"} | {st: ls for st, ls in zip(lengths, ["-", "--", ":", "-."] * 4)}  # commonest length solid
+    marker = {0: "o"} | {st: mk for st, mk in zip(lengths, ["o", "^", "s", "D", "v"] * 4)}  # commonest length: o
+    line = {st: "-" if st == lengths[0] else ":" for st in lengths} | {0: "-"}
     for ax, (xk, xlabel) in zip(axs[0], axes_x):
+        if xk == "kl":
+            frontier = full_frontier(means(results))
+            ax.plot([f[1] for f in frontier], [f[0] for f in frontier], color="black", lw=6, alpha=0.15, zorder=0)
         for (m, steps), lrs in curves.items():  # means over seeds, bars one standard deviation
             pts = []
-            for lr, rs in lrs.items():
+            for lr, rs in sorted(lrs.items()):
                 rs = [r for r in rs if r.get(xk) is not None]
                 if rs:
                     xs, ys = [r[xk] for r in rs], [r["heldout_mcq"] for r in rs]
                     pts.append((float(np.mean(xs)), float(np.mean(ys)), lr, float(np.std(xs)), float(np.std(ys))))
             if not pts:
                 continue
-            pts.sort()
-            label = m if len(lengths) == 1 or m == "base" else f"{m}, {steps} steps"
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[3] for p in pts],
-                        yerr=[p[4] for p in pts], fmt="o", ls=style[steps], capsize=2, color=color[m], label=label)
+                        yerr=[p[4] for p in pts], marker=marker[steps], ls=line[steps], capsize=2, color=color[m])
             for x, y, lr, *_ in pts:
                 ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         base = [r for r in results if r["method"] == "base"]
         if base:
-            ax.axhline(base[0]["heldout_mcq"], color="grey", ls=":", label="base model")
+            ax.axhline(base[0]["heldout_mcq"], color="grey", ls=":")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("recall: held-out probe MCQ accuracy")
-        ax.legend(fontsize=8)
+    handles = [Line2D([], [], color=color[m], marker="o", ls="-", label=m) for m in color if m != "base"]
+    handles += [Line2D([], [], color="grey", marker=marker[st], ls=line[st], label=f"{st} steps") for st in lengths]
+    handles += [Line2D([], [], color="grey", ls=":", label="base model's recall"),
+                Line2D([], [], color="black", lw=6, alpha=0.15, label="full fine-tuning's frontier")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8)
     fig.suptitle("Recall against forgetting, equal tokens per length (labels: peak LR; bars: sd over seeds)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
 
 
